@@ -1,0 +1,1 @@
+"""Code generation: SymPy results → readable modules of torch functions."""
