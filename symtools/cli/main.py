@@ -16,12 +16,16 @@ from symtools.errors import SymtoolsError
 COMMANDS: dict[str, str] = {
     "demo": "symtools.cli.demo",
     "derive": "symtools.cli.derive",
+    "symmetries": "symtools.cli.symmetries",
+    "check": "symtools.cli.check",
 }
 
 # One-line descriptions, kept here so that --help does not import torch.
 SUMMARIES: dict[str, str] = {
     "demo": "run the main demonstration on the bundled defaults",
     "derive": "derive a symmetry's generator, identities, conserved quantity and torch code",
+    "symmetries": "list the translation, scale and rescale groups of a model's loss, found from its graph",
+    "check": "verify the gradient and Hessian identities of every symmetry group of a model (HVPs)",
 }
 
 

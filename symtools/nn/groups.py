@@ -37,6 +37,9 @@ class GroupSet:
     count: int
     slots: Mapping[str, tuple[TensorSlice, ...]]
     note: str = ""
+    #: name of the BatchNorm module whose ε breaks this group's symmetry exactly (scale groups feeding a
+    #: BatchNorm), or None. The checker and the monitor add the predicted ε term −2ε·∂L/∂ε_c.
+    epsilon_of: str | None = None
 
     def params(self) -> list[str]:
         return sorted({t.param for ts in self.slots.values() for t in ts})

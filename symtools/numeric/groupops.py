@@ -1,0 +1,136 @@
+"""Evaluate generated symmetry code on bound tensors: every group of a family at once, no loop over neurons.
+
+A :class:`~symtools.nn.groups.GroupSet` says which tensor each slot of a family is and along which axis
+its groups run. :func:`group_view` turns a tensor into a ``(count, rest)`` matrix (group axis first, the
+rest flattened); a generated elementwise function is applied to that whole matrix, and a per-group value is
+its sum over ``rest``. Directions in parameter space (the generator of many groups combined with per-group
+weights) are scattered back with :func:`scatter_back`. Reductions accumulate in float64.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import Iterable, Mapping
+
+import torch
+from torch import Tensor
+
+from symtools.errors import SymtoolsError
+from symtools.nn.groups import GroupSet, TensorSlice
+
+ACC = torch.float64  # accumulation dtype of every per-group reduction
+
+
+def family_module(family: str | ModuleType) -> ModuleType:
+    """The generated torch module of a family (``symtools.codegen.generated.<family>``), or a given module."""
+    if isinstance(family, ModuleType):
+        return family
+    try:
+        return importlib.import_module(f"symtools.codegen.generated.{family}")
+    except ModuleNotFoundError:
+        from symtools.codegen.generated import NAMES
+
+        raise SymtoolsError(f"no generated code for symmetry {family!r}; built-ins: {', '.join(NAMES)} "
+                            f"(emit your own with `symtools derive SPEC --torch FILE`)") from None
+
+
+def group_view(t: Tensor, ts: TensorSlice) -> Tensor:
+    """``t`` as a ``(count, rest)`` matrix: reshaped to ``ts.shape``, group axis moved first, rest flattened."""
+    x = t.reshape(ts.shape) if ts.shape is not None else t
+    if ts.axis is None:
+        return x.reshape(1, -1)
+    return x.movedim(ts.axis, 0).reshape(x.shape[ts.axis], -1)
+
+
+def scatter_back(values: Tensor, like: Tensor, ts: TensorSlice) -> Tensor:
+    """Inverse of :func:`group_view`: a ``(count, rest)`` matrix back to the shape of ``like``."""
+    shape = ts.shape if ts.shape is not None else tuple(like.shape)
+    if ts.axis is None:
+        return values.reshape(like.shape)
+    moved = (shape[ts.axis],) + tuple(s for i, s in enumerate(shape) if i != ts.axis)
+    return values.reshape(moved).movedim(0, ts.axis).reshape(like.shape)
+
+
+def _arguments(module: ModuleType, kind: str, gs: GroupSet, slot: str, index: int,
+               params: Mapping[str, Tensor], grads: Mapping[str, Tensor] | None) -> list[Tensor]:
+    """The views a generated function ``kind__slot`` needs, for the ``index``-th tensor of ``slot``.
+
+    A function of several slots (a coupled action) pairs the ``index``-th tensor of each slot; those slots
+    must then be bound to the same number of tensors with the same views.
+    """
+    out = []
+    for name in module.ARGS[kind][slot]:
+        is_grad = name.startswith("g_")
+        other = name[2:] if is_grad else name
+        tensors = gs.slots.get(other)
+        if tensors is None:
+            raise SymtoolsError(f"{gs.family} at {gs.layer}: slot {other!r} is not bound")
+        if len(tensors) != len(gs.slots[slot]):
+            raise SymtoolsError(f"{gs.family} at {gs.layer}: coupled slots {slot!r} and {other!r} need the same "
+                                f"number of tensors")
+        ts = tensors[index]
+        source = grads if is_grad else params
+        if source is None:
+            raise SymtoolsError(f"{kind} needs gradients")
+        out.append(group_view(source[ts.param], ts))
+    return out
+
+
+def evaluate(module: ModuleType, kind: str, gs: GroupSet, params, grads=None):
+    """Yield ``(slot, TensorSlice, values as (count, rest))`` of ``kind`` for every bound tensor of ``gs``."""
+    table = getattr(module, kind.upper())
+    if table is None:
+        raise SymtoolsError(f"symmetry {module.NAME!r} has no {kind.replace('_', ' ')}")
+    for slot, tensors in gs.slots.items():
+        if slot not in table:
+            raise SymtoolsError(f"{gs.family} at {gs.layer}: the symmetry has no slot {slot!r} "
+                                f"(slots: {', '.join(module.SLOTS)})")
+        for i, ts in enumerate(tensors):
+            yield slot, ts, table[slot](*_arguments(module, kind, gs, slot, i, params, grads))
+
+
+def gradient_terms(module: ModuleType, gs: GroupSet, params, grads, g_typical: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Per group: (⟨g, v⟩, its scale) summed over all slots and tensors.
+
+    The scale is Σ|g·v| + g_typical·Σ|v|: the size of the terms, plus the size they would have with a
+    typical gradient entry (``g_typical``, e.g. the RMS gradient of the model). The second part matters
+    where the symmetry forces the gradient itself to vanish (a bias feeding BatchNorm): there Σ|g·v| is
+    round-off, and a ratio to it alone would be meaningless.
+    """
+    total = torch.zeros(gs.count, dtype=ACC, device=_device(params))
+    scale = torch.zeros_like(total)
+    for _, ts, v in evaluate(module, "generator", gs, params):
+        v = v.to(ACC)
+        prod = v * group_view(grads[ts.param], ts).to(ACC)
+        total += prod.sum(dim=1)
+        scale += prod.abs().sum(dim=1) + g_typical * v.abs().sum(dim=1)
+    return total, scale
+
+
+def charges(module: ModuleType, gs: GroupSet, params) -> Tensor:
+    """Per-group conserved charge Q_k (the generated charge density summed over the group's elements)."""
+    total = torch.zeros(gs.count, dtype=ACC, device=_device(params))
+    for _, _, q in evaluate(module, "charge_density", gs, params):
+        total += q.to(ACC).sum(dim=1)
+    return total
+
+
+def combine(module: ModuleType, kind: str, group_sets: Iterable[GroupSet], weights: Iterable[Tensor],
+            params, grads=None) -> dict[str, Tensor]:
+    """Σ_k w_k·(kind)_k as full parameter tensors: e.g. the direction Σ_k w_k v_k of many groups at once.
+
+    ``weights`` holds one ``(count,)`` tensor per group set (0 leaves a group out). Parameters no group
+    touches are absent from the result (zero).
+    """
+    out: dict[str, Tensor] = {}
+    for gs, w in zip(group_sets, weights):
+        for _, ts, val in evaluate(module, kind, gs, params, grads):
+            like = params[ts.param]
+            piece = scatter_back(val * w.to(val.dtype).reshape(-1, 1), like, ts).to(like.dtype)
+            out[ts.param] = out[ts.param] + piece if ts.param in out else piece
+    return out
+
+
+def _device(params) -> torch.device:
+    return next(iter(params.values())).device

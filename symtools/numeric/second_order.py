@@ -1,0 +1,98 @@
+"""One first-order graph, many Hessian-vector products — with BatchNorm ε as extra variables.
+
+:class:`SecondOrder` evaluates the loss once at θ on a fixed batch, with every BatchNorm's ε replaced by a
+per-channel leaf ε_c (same math as ``F.batch_norm`` in training, see
+:func:`symtools.numeric.bn_epsilon.batch_norm_batch_stats`), and keeps the graph of
+(g_θ, g_ε) = ∂L/∂(θ, ε) (``create_graph=True``). Then
+
+    hvp(V, w) = ∂/∂θ [ ⟨g_θ, V⟩ + ⟨g_ε, w⟩ ] = H V + ∂θ⟨∂L/∂ε, w⟩
+
+costs one second backward pass each (counted in ``hvps``). The ε part is what makes BatchNorm's scale
+identities exact: L(αθ_A; ε) = L(θ_A; ε/α²) gives ⟨g_A, θ_A⟩ + 2ε_c ∂L/∂ε_c = 0 and, differentiating in θ,
+H θ_A + g_A + ∂θ(2ε_c ∂L/∂ε_c) = 0.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from symtools.numeric.bn_epsilon import batch_norm_batch_stats
+from symtools.numeric.evaluation import _loss_function, batchnorm_modules, evaluation_mode
+
+
+class SecondOrder:
+    """Gradient and HVPs of ``loss(model_θ(inputs), targets) [+ wd/2·|θ|²]`` at the model's parameters.
+
+    ``bn="batch"`` (training math, identities hold) or ``"eval"`` (running statistics; a negative control).
+    The model's parameters, buffers and ``training`` flags are left as they were.
+    """
+
+    def __init__(self, model: nn.Module, inputs: Tensor, targets: Tensor, *, loss="cross_entropy",
+                 bn: str = "batch", weight_decay: float = 0.0, params: Mapping[str, Tensor] | None = None):
+        self.model = model
+        base = dict(model.named_parameters()) if params is None else dict(params)
+        self.params = {k: p.detach().requires_grad_(True) for k, p in base.items()}
+        self.eps: dict[str, Tensor] = {}
+        self.eps_value: dict[str, float] = {}
+        loss_fn = _loss_function(loss)
+        hooks = []
+        if bn == "batch":
+            for name, m in batchnorm_modules(model):
+                hooks.append(m.register_forward_hook(self._make_hook(name)))
+        try:
+            with evaluation_mode(model, bn):
+                out = functional_call(model, self.params, (inputs,))
+        finally:
+            for h in hooks:
+                h.remove()
+        value = loss_fn(out, targets)
+        if weight_decay:
+            value = value + 0.5 * weight_decay * sum((p * p).sum() for p in self.params.values())
+        self.loss = value.detach()
+        self.outputs = out.detach()
+        leaves = list(self.params.values()) + list(self.eps.values())
+        grads = torch.autograd.grad(value, leaves, create_graph=True, allow_unused=True)
+        n = len(self.params)
+        self._g = dict(zip(self.params, grads[:n]))
+        self._g_eps = dict(zip(self.eps, grads[n:]))
+        self.hvps = 0
+
+    def _make_hook(self, name: str) -> Callable:
+        def hook(mod, args, output):
+            x = args[0]
+            if name not in self.eps:
+                self.eps[name] = torch.full((x.shape[1],), float(mod.eps), dtype=x.dtype, device=x.device,
+                                            requires_grad=True)
+                self.eps_value[name] = float(mod.eps)
+            return batch_norm_batch_stats(x, mod.weight, mod.bias, self.eps[name])
+        return hook
+
+    @property
+    def grad(self) -> dict[str, Tensor]:
+        """g = ∂L/∂θ (detached; zeros for unused parameters)."""
+        return {k: (torch.zeros_like(p) if self._g[k] is None else self._g[k].detach())
+                for k, p in self.params.items()}
+
+    @property
+    def grad_eps(self) -> dict[str, Tensor]:
+        """∂L/∂ε_c per BatchNorm (detached)."""
+        return {k: (torch.zeros_like(self.eps[k]) if g is None else g.detach()) for k, g in self._g_eps.items()}
+
+    def hvp(self, vector: Mapping[str, Tensor], eps_weights: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """H V + ∂θ⟨∂L/∂ε, w⟩ (all parameters; zeros where nothing depends). One second backward pass."""
+        terms = [(self._g[k] * v).sum() for k, v in vector.items()
+                 if self._g.get(k) is not None and self._g[k].requires_grad]
+        for k, w in (eps_weights or {}).items():
+            g = self._g_eps.get(k)
+            if g is not None and g.requires_grad:
+                terms.append((g * w).sum())
+        self.hvps += 1
+        if not terms:
+            return {k: torch.zeros_like(p) for k, p in self.params.items()}
+        out = torch.autograd.grad(torch.stack(terms).sum(), list(self.params.values()), retain_graph=True,
+                                  allow_unused=True)
+        return {k: (torch.zeros_like(p) if o is None else o) for (k, p), o in zip(self.params.items(), out)}
