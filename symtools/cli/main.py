@@ -18,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "derive": "symtools.cli.derive",
     "symmetries": "symtools.cli.symmetries",
     "check": "symtools.cli.check",
+    "train": "symtools.cli.train",
 }
 
 # One-line descriptions, kept here so that --help does not import torch.
@@ -26,6 +27,7 @@ SUMMARIES: dict[str, str] = {
     "derive": "derive a symmetry's generator, identities, conserved quantity and torch code",
     "symmetries": "list the translation, scale and rescale groups of a model's loss, found from its graph",
     "check": "verify the gradient and Hessian identities of every symmetry group of a model (HVPs)",
+    "train": "train a model with the conservation-law monitor (records, checkpoints, summary)",
 }
 
 
@@ -63,6 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write(f"symtools {args.command}: interrupted\n")
         return 130
+    except BrokenPipeError:  # e.g. `symtools derive … | head`: the reader left; not an error of ours
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

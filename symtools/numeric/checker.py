@@ -3,14 +3,17 @@
 For each family (translation, scale, rescale, …) with generated code ``M`` and groups k bound to tensors:
 
 - gradient identity, all groups at once: r_k = ⟨g, v_k⟩ (one generated call per slot and tensor, reduced
-  per group), relative to the size of its terms Σ|g·v_k|. Scale groups feeding a BatchNorm are corrected by
-  the exact ε term: r_k + 2ε_c ∂L/∂ε_c (the uncorrected r_k is reported as the ε-induced breaking).
+  per group), relative to the size of its terms Σ|g·v_k|. Scale groups feeding a BatchNorm (or LayerNorm)
+  are corrected by the exact ε term: r_k + 2ε_c ∂L/∂ε_c (the uncorrected r_k is reported as the ε-induced
+  breaking).
 - Hessian identity, the whole family with ONE HVP: the identity H v_k + K_k g = 0 is linear in the group, so
   with random signs s_k = ±1, R = H(Σ s_k v_k) + Σ s_k K_k g (+ the ε term) must vanish. Its size is
   judged against ‖H u‖·‖V‖ + ‖Σ s_k K_k g‖ with u a random unit vector (the reference HVP: what the terms
   would be without cancellation).
 - when a family fails, the failing groups are located by adaptive group testing: a failing set of groups is
-  split in halves and each half tested with one HVP, so f failures among N groups cost O(f·log N) HVPs.
+  split in halves and each half tested with one HVP, so f failures among N groups cost O(f·log N) HVPs
+  (at most 2·f·⌈log2 N⌉ + 2 with the first test and one last HVP of the family without the located
+  groups, which confirms that nothing else fails and gives the clean layers their own residuals).
 
 Tolerances come from the dtype and a measured round-off floor: the same quantities recomputed on the batch
 in permuted order (the loss is invariant to the order of samples, so any difference is round-off). The
@@ -25,7 +28,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from symtools.nn.groups import GroupSet, SymmetryMap
 from symtools.numeric import groupops
@@ -79,6 +84,11 @@ class CheckReport:
                 "hvps": self.hvps, "loss": self.loss}
 
 
+def _mse_one_hot(outputs: Tensor, targets: Tensor) -> Tensor:
+    """Mean squared error of ``outputs`` (N, C) against the one-hot encoding of class indices ``targets``."""
+    return F.mse_loss(outputs, F.one_hot(targets, outputs.shape[-1]).to(outputs.dtype))
+
+
 def _norm(d: Mapping[str, Tensor]) -> float:
     return math.sqrt(sum(float(t.detach().to(torch.float64).pow(2).sum()) for t in d.values()))
 
@@ -99,7 +109,7 @@ class _Family:
 
     def __init__(self, name: str, group_sets: list[GroupSet], module, model: nn.Module):
         self.name, self.sets, self.module = name, group_sets, module
-        eps = {n: float(m.eps) for n, m in model.named_modules() if hasattr(m, "eps") and hasattr(m, "running_mean")}
+        eps = {n: float(m.eps) for n, m in model.named_modules() if isinstance(m, (_BatchNorm, nn.LayerNorm))}
         self.eps_of = [(gs.epsilon_of, eps.get(gs.epsilon_of)) if gs.epsilon_of else None for gs in group_sets]
 
     @property
@@ -141,7 +151,10 @@ def check(model: nn.Module, inputs: Tensor, targets: Tensor, symmetries: Symmetr
         model = copy.deepcopy(model).to(dtype)
         inputs = inputs.to(dtype) if inputs.is_floating_point() else inputs
     dtype = next(model.parameters()).dtype
-    if loss == "mse" and targets.dtype != dtype:
+    loss_name = loss if isinstance(loss, str) else getattr(loss, "__name__", "custom")
+    if loss == "mse" and not targets.is_floating_point():
+        loss = _mse_one_hot  # class indices: MSE of the logits against one-hot targets ("MSE on logits")
+    elif loss == "mse" and targets.dtype != dtype:
         targets = targets.to(dtype)
     machine_eps = torch.finfo(dtype).eps
     gen = torch.Generator().manual_seed(seed)
@@ -175,11 +188,13 @@ def check(model: nn.Module, inputs: Tensor, targets: Tensor, symmetries: Symmetr
     g_rms = _norm(grads) / math.sqrt(max(1, sum(g.numel() for g in grads.values())))
     floors_g = []
     fam_objs = {}
+    batch_norms = {n for n, m in model.named_modules() if isinstance(m, _BatchNorm)}
     for name, sets in by_family.items():
         module = (modules or {}).get(name) or groupops.family_module(name)
         fam_objs[name] = _Family(name, sets, module, model)
-        if bn != "batch":  # the ε law is a law of batch statistics; with running statistics it does not apply
-            fam_objs[name].eps_of = [None] * len(sets)
+        if bn != "batch":  # BatchNorm's ε law is a law of batch statistics; running statistics do not scale
+            fam_objs[name].eps_of = [None if info is None or info[0] in batch_norms else info
+                                     for info in fam_objs[name].eps_of]
     # gradient floor over all families: per-group residual change under permutation, relative to its scale
     for fam in fam_objs.values():
         for gs in fam.sets:
@@ -209,7 +224,7 @@ def check(model: nn.Module, inputs: Tensor, targets: Tensor, symmetries: Symmetr
             "how": "tolerance = safety × max(measured round-off floor, machine epsilon); the floor is the "
                    "relative change of the same quantity when the batch is evaluated in permuted order",
         },
-        settings={"loss": loss if isinstance(loss, str) else getattr(loss, "__name__", "custom"), "bn": bn,
+        settings={"loss": loss_name, "bn": bn,
                   "weight_decay": weight_decay, "batch": int(inputs.shape[0]), "seed": seed},
         hvps={"verification": sum(f.hessian["hvps"] for f in families.values()),
               "reference": 1, "calibration": 1, "per_group_naive": sum(f.groups for f in families.values())},
@@ -221,7 +236,7 @@ def check(model: nn.Module, inputs: Tensor, targets: Tensor, symmetries: Symmetr
 def _check_family(fam: _Family, so, params, grads, eps_grads, hu_norm, tol_g, tol_h, gen, locate, dtype, g_rms):
     device = next(iter(params.values())).device
     layers: list[LayerResult] = []
-    worst_g, worst_raw_eps = 0.0, None
+    worst_g, worst_raw_eps, n_failing_g = 0.0, None, 0
     for gs, eps_info in zip(fam.sets, fam.eps_of):
         r, s = groupops.gradient_terms(fam.module, gs, params, grads, g_rms)
         eps_rel = None
@@ -236,6 +251,7 @@ def _check_family(fam: _Family, so, params, grads, eps_grads, hu_norm, tol_g, to
         gmax = float(rel.max()) if rel.numel() else 0.0
         worst_g = max(worst_g, gmax)
         failing = torch.nonzero(rel > tol_g).flatten().tolist()
+        n_failing_g += len(failing)
         layers.append(LayerResult(gs.layer, fam.name, gs.count, gmax, float("nan"), eps_rel, failing[:MAX_LOCATED]))
 
     weights = [(torch.randint(0, 2, (gs.count,), generator=gen) * 2 - 1).to(torch.float64).to(device)
@@ -256,17 +272,35 @@ def _check_family(fam: _Family, so, params, grads, eps_grads, hu_norm, tol_g, to
             lr = layers[item["set"]]
             if item["index"] not in lr.failing and len(lr.failing) < MAX_LOCATED:
                 lr.failing.append(item["index"])
+    rest_rel = None
+    if located:
+        # One more HVP: the same combination without the located groups. It confirms that the rest passes
+        # (all failures found) and gives exact per-layer numbers for the clean layers, which the family's
+        # residual above mixes with the H v of failing groups elsewhere (H v_k is not confined to group k).
+        rest = [w.clone() for w in weights]
+        for item in located:
+            rest[item["set"]][item["index"]] = 0.0
+        resid_r, direction_r, coupling_r = fam.residual(so, params, grads, rest, dtype)
+        scale_r = hu_norm * _norm(direction_r) + _norm(coupling_r)
+        rest_rel = _norm(resid_r) / scale_r if scale_r > 0 else 0.0
+        for lr, gs in zip(layers, fam.sets):
+            if not lr.failing:
+                names = gs.params()
+                sc = hu_norm * _norm(_restrict(direction_r, names)) + _norm(_restrict(coupling_r, names))
+                lr.hessian_rel = _norm(_restrict(resid_r, names)) / sc if sc > 0 else 0.0
     eps_summary = None
     if worst_raw_eps is not None:
         eps_summary = {"max_rel_breaking": worst_raw_eps,
-                       "explained": "⟨g_A, θ_A⟩ = −2ε ∂L/∂ε_A for scale groups feeding BatchNorm; residuals "
+                       "explained": "⟨g_A, θ_A⟩ = −2ε ∂L/∂ε_A for scale groups feeding BatchNorm or LayerNorm; residuals "
                                     "above are after adding this exact term"}
     return FamilyResult(
         family=fam.name, groups=fam.count,
         gradient={"max_rel_residual": worst_g, "pass": worst_g <= tol_g, "tolerance": tol_g,
-                  "failing_groups": sum(len(lr.failing) for lr in layers if lr.gradient_max_rel > tol_g)},
+                  "failing_groups": n_failing_g},
         hessian={"rel_residual": h_rel, "hvps": so.hvps - hvps_before, "pass": bool(h_pass), "tolerance": tol_h,
-                 "located": [{"layer": fam.sets[i["set"]].layer, "group": i["index"]} for i in located]},
+                 "located": [{"layer": fam.sets[i["set"]].layer, "set": i["set"], "group": i["index"]}
+                             for i in located],
+                 "rest_rel_residual": rest_rel},
         epsilon=eps_summary, layers=layers)
 
 

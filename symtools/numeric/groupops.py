@@ -52,29 +52,16 @@ def scatter_back(values: Tensor, like: Tensor, ts: TensorSlice) -> Tensor:
     return values.reshape(moved).movedim(0, ts.axis).reshape(like.shape)
 
 
+#: Argument-name prefixes of generated functions and what they stand for (besides the slot values θ):
+#: gradient, momentum buffer, displacement of the step, optimizer update direction.
+PREFIXES = ("g_", "b_", "d_", "u_")
+
+
 def _arguments(module: ModuleType, kind: str, gs: GroupSet, slot: str, index: int,
                params: Mapping[str, Tensor], grads: Mapping[str, Tensor] | None) -> list[Tensor]:
-    """The views a generated function ``kind__slot`` needs, for the ``index``-th tensor of ``slot``.
-
-    A function of several slots (a coupled action) pairs the ``index``-th tensor of each slot; those slots
-    must then be bound to the same number of tensors with the same views.
-    """
-    out = []
-    for name in module.ARGS[kind][slot]:
-        is_grad = name.startswith("g_")
-        other = name[2:] if is_grad else name
-        tensors = gs.slots.get(other)
-        if tensors is None:
-            raise SymtoolsError(f"{gs.family} at {gs.layer}: slot {other!r} is not bound")
-        if len(tensors) != len(gs.slots[slot]):
-            raise SymtoolsError(f"{gs.family} at {gs.layer}: coupled slots {slot!r} and {other!r} need the same "
-                                f"number of tensors")
-        ts = tensors[index]
-        source = grads if is_grad else params
-        if source is None:
-            raise SymtoolsError(f"{kind} needs gradients")
-        out.append(group_view(source[ts.param], ts))
-    return out
+    """The views the generated function ``kind__slot`` needs for the ``index``-th tensor of ``slot``."""
+    sources = {"": params} if grads is None else {"": params, "g_": grads}
+    return ViewCache(sources).arguments(module.ARGS[kind][slot], gs, slot, index)
 
 
 def evaluate(module: ModuleType, kind: str, gs: GroupSet, params, grads=None):
@@ -88,6 +75,73 @@ def evaluate(module: ModuleType, kind: str, gs: GroupSet, params, grads=None):
                                 f"(slots: {', '.join(module.SLOTS)})")
         for i, ts in enumerate(tensors):
             yield slot, ts, table[slot](*_arguments(module, kind, gs, slot, i, params, grads))
+
+
+class ViewCache:
+    """``(count, rest)`` views of the tensors of one moment (θ, g, buffers …), each made once.
+
+    Many group sets share tensors (a conv weight is ``x_out`` of one rescale site, ``x_in`` of the next and
+    ``x`` of a scale group), so the monitor evaluates all its densities through one cache per step.
+    ``sources`` maps an argument prefix (``""`` values, ``"g_"`` gradients, ``"b_"`` buffers …) to tensors.
+    Views keep the tensors' dtype when it is float32 or float64 (half precisions are widened to float32):
+    densities are evaluated elementwise in that dtype and summed in float64 (see :func:`reduce_density`).
+    """
+
+    def __init__(self, sources: Mapping[str, Mapping[str, Tensor]]):
+        self.sources = sources
+        self._views: dict[tuple, Tensor] = {}
+
+    def get(self, prefix: str, ts: TensorSlice) -> Tensor:
+        key = (prefix, ts.param, ts.axis, ts.shape)
+        view = self._views.get(key)
+        if view is None:
+            source = self.sources.get(prefix)
+            if source is None or ts.param not in source:
+                raise SymtoolsError(f"no {prefix or 'value'} tensor for {ts.param}")
+            view = group_view(source[ts.param], ts)
+            if view.dtype not in (torch.float32, ACC):
+                view = view.float()
+            self._views[key] = view
+        return view
+
+    def arguments(self, names, gs: GroupSet, slot: str, index: int) -> list[Tensor]:
+        """The views for a generated function's argument ``names`` (from its module's ``ARGS``), for the
+        ``index``-th tensor of ``slot``: a slot name means the values, ``g_<slot>`` the gradient,
+        ``b_``/``d_``/``u_`` a buffer, displacement or update. A function of several slots (a coupled
+        action) pairs the ``index``-th tensor of each slot."""
+        out = []
+        for name in names:
+            prefix = next((p for p in PREFIXES if name.startswith(p) and name[len(p):] in gs.slots), "")
+            tensors = gs.slots[name[len(prefix):]]
+            if len(tensors) != len(gs.slots[slot]):
+                raise SymtoolsError(f"{gs.family} at {gs.layer}: coupled slots need the same number of tensors")
+            out.append(self.get(prefix, tensors[index]))
+        return out
+
+
+def reduce_density(functions: Mapping[str, object], args: Mapping[str, tuple[str, ...]], gs: GroupSet,
+                   cache: "ViewCache", with_size: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Per group: (Σ, Σ|·| or None) over slots, tensors and elements of ``functions[slot](...)``.
+
+    ``functions``/``args`` are one term's tables of a generated module (e.g. ``DENSITY['Q']`` and
+    ``ARGS['Q']`` of a law module, or ``CHARGE_DENSITY`` and ``ARGS['charge_density']``). Elementwise values
+    are computed in the views' dtype and accumulated in float64: a float32 product carries a relative
+    rounding of 2⁻²⁴ that averages out in the sum (it stays far below the 2⁻²⁴·Σ|terms| that the float32
+    optimizer step itself leaves in the charge). The sum of absolute values (``with_size``) is the scale
+    that the sum's round-off is relative to.
+    """
+    total = torch.zeros(gs.count, dtype=ACC, device=_device(cache.sources[""]))
+    size = torch.zeros_like(total) if with_size else None
+    for slot, tensors in gs.slots.items():
+        fn = functions.get(slot)
+        if fn is None:
+            continue
+        for i in range(len(tensors)):
+            val = fn(*cache.arguments(args[slot], gs, slot, i))
+            total += val.sum(dim=1, dtype=ACC)
+            if with_size:
+                size += val.abs().sum(dim=1, dtype=ACC)
+    return total, size
 
 
 def gradient_terms(module: ModuleType, gs: GroupSet, params, grads, g_typical: float = 0.0) -> tuple[Tensor, Tensor]:
