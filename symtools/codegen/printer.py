@@ -5,7 +5,10 @@ Fixes (each measured on SymPy 1.14, see DESIGN.md):
   likewise ``Min``.
 - ``Heaviside(x)`` printed as ``torch.heaviside(x, 1/2)`` (the second argument must be a tensor) →
   ``torch.heaviside(x, torch.full_like(x, h0))``.
-- explicit ``Matrix`` became a float64 constant tensor that cuts autograd → ``torch.stack`` of the entries.
+- explicit ``Matrix`` became a float64 constant tensor that cuts autograd → ``torch.stack`` of the entries
+  (numeric entries as ``torch.full_like`` of a symbolic one, since ``torch.stack`` takes only tensors).
+- irrational constants such as ``sqrt(2)`` or ``log(2)`` printed as ``torch.sqrt(2)`` / ``torch.log(2)``
+  (a TypeError: torch functions take tensors) → their float64 value.
 - ``Transpose`` printed as ``torch.transpose(X).t()`` (wrong arity) and ``permute(1, 0)`` (breaks batches)
   → ``X.mT``; ``MatMul``/``MatAdd`` print with ``@`` and ``+`` so matrix code reads like the math.
 - Integer powers print as ``x**k`` (exact, and clearer than ``torch.pow(x, k)``).
@@ -19,6 +22,13 @@ from sympy.printing.pytorch import TorchPrinter
 
 class SymtoolsTorchPrinter(TorchPrinter):
     printmethod = "_symtools_torchcode"
+
+    def _print(self, expr, **kwargs):
+        # A real constant other than an exact rational or a named one (pi, E): print its value, not a torch call.
+        if (isinstance(expr, sp.Expr) and not isinstance(expr, (sp.Rational, sp.Float, sp.NumberSymbol))
+                and expr.is_number and expr.is_real):
+            return repr(float(expr.evalf(30)))  # the float64 nearest the value (shortest round-trip text)
+        return super()._print(expr, **kwargs)
 
     def _print_Max(self, expr):
         return self._minmax(expr, "torch.maximum", "min")
@@ -42,7 +52,15 @@ class SymtoolsTorchPrinter(TorchPrinter):
         return f"torch.heaviside({x}, torch.full_like({x}, {h0}))"
 
     def _print_MatrixBase(self, expr):
-        rows = ["torch.stack([" + ", ".join(self._print(e) for e in row) + "], dim=-1)" for row in expr.tolist()]
+        ref = next((e for e in expr if not e.is_number), None)
+        if ref is None:  # a constant matrix: nothing to differentiate through
+            return super()._print_MatrixBase(expr)
+        like = self._print(ref)
+
+        def entry(e):
+            return f"torch.full_like({like}, {self._print(e)})" if e.is_number else self._print(e)
+
+        rows = ["torch.stack([" + ", ".join(entry(e) for e in row) + "], dim=-1)" for row in expr.tolist()]
         return "torch.stack([" + ", ".join(rows) + "], dim=-2)"
 
     _print_ImmutableDenseMatrix = _print_MatrixBase

@@ -72,8 +72,10 @@ def find_identity(images: dict[str, sp.Expr], a: sp.Symbol) -> sp.Expr:
         sols = [sp.simplify(x) for x in (sols if isinstance(sols, list) else [sols])]
         dependent += [x for x in sols if x.free_symbols & symbols]
         found = {x for x in sols if not (x.free_symbols & symbols)}
-        candidates = found if candidates is None else candidates & found
-    # Keep the candidates that fix every slot (the intersection above is per-slot; check jointly).
+        # Union, not intersection: SymPy may return a θ-dependent root that contains the identity on part of
+        # the domain (e.g. LambertW(y/x·e^{y/x}) − y/x for e^a(y + a x) = y) and omit a = 0 itself.
+        candidates = found if candidates is None else candidates | found
+    # Keep the candidates that fix every slot (each came from one slot's equation; check jointly).
     good = sorted(
         (e for e in (candidates or set())
          if all(sp.simplify(img.subs(a, e) - sp.Symbol(s, real=True)) == 0 for s, img in images.items())),

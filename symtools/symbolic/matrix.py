@@ -35,7 +35,7 @@ class MatrixDerivation:
     gradient_identity: sp.MatrixExpr             # M_g (must vanish, or its antisymmetric part for 'so')
     hessian_coupling: dict[str, sp.MatrixExpr]   # slot → (K_X g)_s
     charge: sp.MatrixExpr | None                 # M_Q, or None
-    charge_factor: sp.Expr | None                # Q_X = factor · ⟨charge, X⟩
+    charge_factor: sp.Expr | None                # Σ_s ⟨θ_s, v_s(X)⟩ = 2 Q_X = factor · ⟨charge, X⟩
     reason: str | None
     verification: list[str] = field(default_factory=list)
     symbols: dict[str, sp.MatrixSymbol] = field(default_factory=dict)

@@ -1,0 +1,11 @@
+"""Helpers for property-testing symmetries in your own test suite.
+
+``symtools.testing.actions``: hypothesis strategies of random one-parameter elementwise actions, random
+losses that have (or lack) a declared symmetry, and the identity residuals of a generated module.
+Everything public there is re-exported here. ``hypothesis`` is imported only when a strategy is built.
+"""
+
+from symtools.testing.actions import *  # noqa: F401,F403
+from symtools.testing.actions import __all__ as _actions_all
+
+__all__ = list(_actions_all)
