@@ -122,8 +122,9 @@ def hessian_identity_residual({theta}, {grads}, hvp):
     """H v + K g per slot (a tuple in SLOTS order); zero for every loss with this symmetry.
 
     ``hvp`` maps a tuple of directions (one tensor per slot) to the tuple of Hessian-vector products.
+    The directions are detached, so an ``hvp`` that differentiates ⟨g, v⟩ treats v as constant.
     """
-    hv = hvp(generator({theta}))
+    hv = hvp(tuple(t.detach() for t in generator({theta})))
     return tuple(h + k for h, k in zip(hv, ({coupling},)))
 '''
     if has_charge:
@@ -160,7 +161,7 @@ def emit_matrix(d: MatrixDerivation) -> str:
 
     def hessian_identity_residual(X, {theta}, {grads}, hvp):
         """H v(X) + K_X g per slot; ``hvp`` maps a tuple of slot directions to their Hessian products."""
-        hv = hvp(generator(X, {theta}))
+        hv = hvp(tuple(t.detach() for t in generator(X, {theta})))
         return tuple(h + k for h, k in zip(hv, ({coupling},)))
     '''))
     if d.charge is not None:

@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from symtools.codegen import emit_laws
 from symtools.codegen.emit import emit
 from symtools.symbolic import library
 from symtools.symbolic.derive import derive
@@ -21,6 +22,7 @@ def sources() -> dict[str, str]:
     """Module name → source for every built-in symmetry (derived now, not read from disk)."""
     out = {name: emit(derive(library.elementwise(name))) for name in library.ELEMENTWISE}
     out.update({name: emit(library.matrix(name).derive()) for name in library.MATRIX})
+    out.update(emit_laws.sources())  # law_<family>_<optimizer>: per-step charge laws under optimizers
     return out
 
 
@@ -39,7 +41,8 @@ def write(directory: Path = GENERATED) -> list[Path]:
         paths.append(path)
     (directory / "__init__.py").write_text(
         '"""Generated torch modules of the built-in symmetries (see symtools.codegen.regenerate)."""\n\n'
-        f"NAMES = {tuple(srcs)!r}\n")
+        f"NAMES = {tuple(n for n in srcs if not n.startswith(emit_laws.PREFIX))!r}\n"
+        f"LAWS = {tuple(n for n in srcs if n.startswith(emit_laws.PREFIX))!r}\n")
     return paths
 
 

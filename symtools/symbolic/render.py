@@ -75,8 +75,22 @@ def to_text(d: Derivation | MatrixDerivation) -> str:
     return "\n".join(lines)
 
 
+def _latex_name(name: str) -> str:
+    """``g_x_in`` → ``g_{x_{in}}``: SymPy would print every underscore after the first as a space."""
+    head, *rest = name.split("_")
+    if not rest:
+        return head
+    sub = rest[-1]
+    for part in reversed(rest[:-1]):
+        sub = f"{part}_{{{sub}}}"
+    return f"{head}_{{{sub}}}"
+
+
 def to_latex(d: Derivation | MatrixDerivation) -> str:
-    L = sp.latex
+    def L(expr) -> str:
+        names = {s: _latex_name(s.name) for s in getattr(expr, "free_symbols", ()) if s.name.count("_") > 1}
+        return sp.latex(expr, symbol_names=names)
+
     if isinstance(d, MatrixDerivation):
         rows = [rf"v_{{{s}}}(X) &= {L(e)}" for s, e in d.generator.items()]
         rows.append(rf"0 &= {L(d.gradient_identity)}")
@@ -90,7 +104,13 @@ def to_latex(d: Derivation | MatrixDerivation) -> str:
     rows += [rf"0 &= {L(e)}" for e in d.hessian_identity.values()]
     rows.append(rf"0 &= {L(d.second_order_identity)}")
     if d.charge.exists:
-        rows.append(r"Q &= \sum " + " + \\sum ".join(L(e) for e in d.charge.density.values() if e != 0))
+        terms = [e for e in d.charge.density.values() if e != 0]
+        body = ""
+        for i, e in enumerate(terms):
+            negative = e.could_extract_minus_sign()
+            sign = (" - " if negative else (" + " if i else ""))
+            body += sign + r"\sum " + L(-e if negative else e)
+        rows.append(r"Q &= " + body.lstrip())
     else:
         rows.append(r"Q &\;\text{does not exist}")
     return "\\begin{aligned}\n" + " \\\\\n".join(rows) + "\n\\end{aligned}"

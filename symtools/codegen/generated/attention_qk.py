@@ -26,7 +26,7 @@ def gradient_identity(W_Q, W_K, g_W_Q, g_W_K):
 
 def hessian_identity_residual(X, W_Q, W_K, g_W_Q, g_W_K, hvp):
     """H v(X) + K_X g per slot; ``hvp`` maps a tuple of slot directions to their Hessian products."""
-    hv = hvp(generator(X, W_Q, W_K))
+    hv = hvp(tuple(t.detach() for t in generator(X, W_Q, W_K)))
     return tuple(h + k for h, k in zip(hv, (g_W_Q @ X.mT, -(g_W_K @ X),)))
 
 

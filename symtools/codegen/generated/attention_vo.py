@@ -26,7 +26,7 @@ def gradient_identity(W_V, W_O, g_W_V, g_W_O):
 
 def hessian_identity_residual(X, W_V, W_O, g_W_V, g_W_O, hvp):
     """H v(X) + K_X g per slot; ``hvp`` maps a tuple of slot directions to their Hessian products."""
-    hv = hvp(generator(X, W_V, W_O))
+    hv = hvp(tuple(t.detach() for t in generator(X, W_V, W_O)))
     return tuple(h + k for h, k in zip(hv, (g_W_V @ X.mT, -(X.mT @ g_W_O),)))
 
 

@@ -26,7 +26,7 @@ def gradient_identity(U, V, g_U, g_V):
 
 def hessian_identity_residual(X, U, V, g_U, g_V, hvp):
     """H v(X) + K_X g per slot; ``hvp`` maps a tuple of slot directions to their Hessian products."""
-    hv = hvp(generator(X, U, V))
+    hv = hvp(tuple(t.detach() for t in generator(X, U, V)))
     return tuple(h + k for h, k in zip(hv, (-(g_U @ X.mT), X.mT @ g_V,)))
 
 

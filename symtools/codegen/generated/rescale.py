@@ -87,8 +87,9 @@ def hessian_identity_residual(x_in, x_out, g_x_in, g_x_out, hvp):
     """H v + K g per slot (a tuple in SLOTS order); zero for every loss with this symmetry.
 
     ``hvp`` maps a tuple of directions (one tensor per slot) to the tuple of Hessian-vector products.
+    The directions are detached, so an ``hvp`` that differentiates ⟨g, v⟩ treats v as constant.
     """
-    hv = hvp(generator(x_in, x_out))
+    hv = hvp(tuple(t.detach() for t in generator(x_in, x_out)))
     return tuple(h + k for h, k in zip(hv, (hessian_coupling__x_in(x_in, g_x_in), hessian_coupling__x_out(x_out, g_x_out),)))
 
 

@@ -62,8 +62,9 @@ def hessian_identity_residual(x, g_x, hvp):
     """H v + K g per slot (a tuple in SLOTS order); zero for every loss with this symmetry.
 
     ``hvp`` maps a tuple of directions (one tensor per slot) to the tuple of Hessian-vector products.
+    The directions are detached, so an ``hvp`` that differentiates ⟨g, v⟩ treats v as constant.
     """
-    hv = hvp(generator(x))
+    hv = hvp(tuple(t.detach() for t in generator(x)))
     return tuple(h + k for h, k in zip(hv, (hessian_coupling__x(x, g_x),)))
 
 
