@@ -20,7 +20,8 @@ A callback is any object; every method is optional and looked up by name::
                              parameters are θ_{step−1} and every p.grad is their minibatch gradient
     after_step(ctx)          after optimizer.step() (parameters θ_step, checked finite), before the
                              LR scheduler steps, so optimizer.param_groups still hold this update's lr
-    on_checkpoint(ctx)       after a checkpoint of ctx.step was written (records already flushed)
+    on_checkpoint(ctx)       after a checkpoint of ctx.step was written (records already flushed); in a
+                             distributed run only on rank 0, the one that writes
     on_end(ctx) -> dict|None once at the end, also after a divergence or an interrupt (ctx.state says which:
                              "completed" | "interrupted" | "failed"); flush your own files here. A returned
                              dict is merged into summary.json (keys clashing with the loop's own are
@@ -31,7 +32,8 @@ A callback is any object; every method is optional and looked up by name::
 ``ctx`` (:class:`TrainContext`) carries ``model``, ``optimizer``, ``scheduler``, ``step``, ``start_step``,
 ``steps``, ``batch`` (``(x, y)`` on the device), ``loss`` and ``logits`` (detached, of the current update),
 ``loss_fn`` (``loss_fn(logits, y) -> scalar``, to recompute the loss), ``records`` (the run's
-:class:`~symtools.numeric.records.RecordWriter`), ``out_dir``, ``device``, ``config``, ``state``.
+:class:`~symtools.numeric.records.RecordWriter`), ``out_dir``, ``device``, ``config``, ``state``,
+``rank`` and ``world_size`` (0 and 1 unless ``torch.distributed`` is initialised).
 Streams made on ``ctx.records`` are flushed (fsync) before each checkpoint and truncated to the
 checkpoint's step on resume, so a killed run loses at most the rows after its last checkpoint;
 callbacks that keep files of their own must handle that in ``on_start`` (``ctx.start_step``).
@@ -46,6 +48,17 @@ Written at step 0, every ``checkpoint_every`` steps, at the end, and when interr
 ``out_dir/records/`` (see ``docs/records.md``): stream ``train`` = step, loss, accuracy, lr, time_s.
 ``out_dir/summary.json``: status, steps, final and running loss/accuracy, wall time, checkpoints,
 plus what callbacks return from ``on_end``.
+
+Distributed runs
+----------------
+When ``torch.distributed`` is initialised (e.g. a ``DistributedDataParallel`` model, each rank feeding its
+shard of the global batch), every rank runs the loop and its callbacks; gradients are averaged by DDP
+before ``before_step``, so a monitor computes the same numbers on every rank. Only **rank 0 writes**:
+records, checkpoints (the wrapped module's ``state_dict``, so keys keep the model's own layout, without
+``module.``), ``on_checkpoint`` and ``summary.json``; the other ranks get a ``ctx.records`` that discards
+rows. The logged loss and accuracy are averaged over the ranks (with equal shards: those of the global
+batch), and a Ctrl-C stops every rank after the same update. All ranks must use the same ``out_dir``
+(they read it to resume).
 
 Bad input and stops
 -------------------
@@ -118,11 +131,74 @@ class TrainContext:
     state: str = "running"
     error: BaseException | None = None
     last_checkpoint: Path | None = None
+    rank: int = 0  # torch.distributed rank; only rank 0 writes files
+    world_size: int = 1
     extra: dict = field(default_factory=dict)  # free space for callbacks to share values
 
     def __repr__(self) -> str:
         return (f"TrainContext(step={self.step}, steps={self.steps}, start_step={self.start_step}, state={self.state!r}, "
                 f"model={type(self.model).__name__}, optimizer={type(self.optimizer).__name__}, out_dir={str(self.out_dir)!r})")
+
+
+# ---------------------------------------------------------------------------------------------------
+# distributed runs
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a ``DistributedDataParallel``/``DataParallel`` wrapper (the model itself otherwise)."""
+    return model.module if isinstance(model, (torch.nn.parallel.DistributedDataParallel,
+                                              torch.nn.DataParallel)) else model
+
+
+def _rank_and_world() -> tuple[int, int]:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _DiscardedStream:
+    """A record stream of a rank that does not write (see "Distributed runs"): rows are dropped."""
+
+    def __init__(self, name: str, columns: Sequence[str]):
+        self.name, self.columns, self.width = name, list(columns), len(columns)
+
+    def append(self, row_or_rows: Any) -> int:
+        return 0
+
+    def flush(self, fsync: bool = True) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _DiscardedRecords:
+    """``ctx.records`` of a rank that does not write: the :class:`RecordWriter` calls, no files."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self._streams: dict[str, _DiscardedStream] = {}
+
+    def stream(self, name: str, columns: Sequence[str], description: str = "", meta: dict | None = None):
+        return self._streams.setdefault(name, _DiscardedStream(name, columns))
+
+    def __getitem__(self, name: str) -> _DiscardedStream:
+        return self._streams[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._streams
+
+    @property
+    def streams(self) -> dict[str, _DiscardedStream]:
+        return dict(self._streams)
+
+    def flush(self, fsync: bool = True) -> None:
+        pass
+
+    def truncate_to_step(self, step: float) -> dict[str, int]:
+        return {}
+
+    def close(self) -> None:
+        pass
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -210,7 +286,7 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
 def _save_checkpoint(ctx: TrainContext, step: int, elapsed: float) -> Path:
     state = {
         "format": CHECKPOINT_FORMAT, "version": 1, "step": int(step),
-        "model": _cpu(ctx.model.state_dict()),
+        "model": _cpu(_unwrap(ctx.model).state_dict()),
         "optimizer": _cpu(ctx.optimizer.state_dict()),
         "rng": _rng_state(ctx.device),
         "elapsed_s": float(elapsed),
@@ -415,26 +491,30 @@ def train(
     end_hooks = [(type(cb).__name__, cb.on_end) for cb in callbacks if callable(getattr(cb, "on_end", None))]
 
     out_dir = Path(out_dir)
+    rank, world = _rank_and_world()
     existing = list_checkpoints(out_dir)
     records_dir = out_dir / "records"
     if not resume and (existing or any(p.stat().st_size for p in records_dir.glob("*.f64"))):
         raise SymtoolsError(f"{out_dir} already holds a run: resume it (resume=True / --resume) or choose a new directory")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if world > 1:  # every rank has looked at out_dir before rank 0 writes to it
+        torch.distributed.barrier()
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
 
     model.to(device)
     param_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     run_config = _plain({
         "steps": steps, "checkpoint_every": stride, "device": str(device),
         "loss": loss if isinstance(loss, str) else getattr(loss, "__name__", repr(loss)),
-        "model_class": type(model).__name__, "optimizer_class": type(optimizer).__name__,
+        "model_class": type(_unwrap(model)).__name__, "optimizer_class": type(optimizer).__name__,
         "scheduler_class": type(scheduler).__name__ if scheduler is not None else None,
         "data": getattr(batches, "config", None), "torch": torch.__version__,
         **(config or {}),
     })
 
-    records = RecordWriter(records_dir)
+    records = RecordWriter(records_dir) if rank == 0 else _DiscardedRecords(records_dir)
     ctx = TrainContext(model=model, optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn, records=records,
-                       out_dir=out_dir, device=device, config=run_config, steps=steps)
+                       out_dir=out_dir, device=device, config=run_config, steps=steps, rank=rank, world_size=world)
     start_step, elapsed_before = 0, 0.0
     try:
         if resume and existing:
@@ -456,23 +536,27 @@ def train(
     else:
         batch_iter = itertools.islice(iter(batches), start_step, None)
 
-    progress_bar = _Progress(progress, start_step, steps, callbacks)
+    progress_bar = _Progress(progress if rank == 0 else False, start_step, steps, callbacks)
     window_loss: collections.deque = collections.deque(maxlen=RUNNING_WINDOW)
     window_acc: collections.deque = collections.deque(maxlen=RUNNING_WINDOW)
     last = {"loss": math.nan, "accuracy": math.nan}
     if start_step > 0:  # a resumed run's summary covers the steps before it too
-        for row in read_stream(records_dir, "train")[1][-RUNNING_WINDOW:]:
+        rows = read_stream(records_dir, "train")[1]
+        for row in rows[rows[:, 0] <= start_step][-RUNNING_WINDOW:]:  # rank 0 may not have truncated yet
             window_loss.append(float(row[1]))
             window_acc.append(float(row[2]))
             last.update(loss=float(row[1]), accuracy=float(row[2]))
     t0 = time.perf_counter()
     completed = start_step
     phase = "boundary"
+    stop = False  # distributed runs: some rank was asked to stop (reduced with the loss each update)
 
     def elapsed() -> float:
         return elapsed_before + time.perf_counter() - t0
 
     def checkpoint(step: int) -> None:
+        if rank != 0:
+            return
         records.flush(fsync=True)
         _save_checkpoint(ctx, step, elapsed())
         for fn in hooks["on_checkpoint"]:
@@ -509,7 +593,8 @@ def train(
             summary["callback_errors"] = problems
         summary["records"] = sorted(records.streams)
         records.flush(fsync=True)
-        _write_json(out_dir / "summary.json", summary)
+        if rank == 0:
+            _write_json(out_dir / "summary.json", summary)
         return summary
 
     with _SigintDeferral(progress_bar) as sigint:
@@ -539,6 +624,12 @@ def train(
                 loss_t = loss_fn(logits, y)
                 loss_t.backward()
                 loss_v = float(loss_t.detach())
+                if logits.ndim == 2 and y.ndim == 1 and not y.is_floating_point():
+                    acc = float((logits.detach().argmax(dim=1) == y).to(torch.float64).mean())
+                else:
+                    acc = math.nan
+                if world > 1:  # every rank logs the same mean and stops after the same update
+                    loss_v, acc, stop = _mean_over_ranks(loss_v, acc, sigint.requested, device)
                 if not math.isfinite(loss_v):
                     _raise_bad_loss(model, x, step, loss_v)
                 ctx.loss, ctx.logits = loss_t.detach(), logits.detach()
@@ -548,7 +639,7 @@ def train(
                 phase = "update"
                 optimizer.step()
                 phase = "after"
-                bad = _first_nonfinite(_named_tensors(model))
+                bad = _first_nonfinite(_named_tensors(_unwrap(model)))
                 if bad is not None:
                     kind, name, what = bad
                     raise TrainingDiverged(f"{kind} {name!r} is not finite after step {step} ({what})",
@@ -557,10 +648,6 @@ def train(
                     fn(ctx)
                 if scheduler is not None:
                     scheduler.step()
-                if logits.ndim == 2 and y.ndim == 1 and not y.is_floating_point():
-                    acc = float((logits.detach().argmax(dim=1) == y).to(torch.float64).mean())
-                else:
-                    acc = math.nan
                 last.update(loss=loss_v, accuracy=acc)
                 window_loss.append(loss_v)
                 window_acc.append(acc)
@@ -571,7 +658,7 @@ def train(
                 progress_bar.update(step, sum(window_loss) / len(window_loss), sum(window_acc) / len(window_acc))
                 if step == steps or (stride and step % stride == 0):
                     checkpoint(step)
-                if sigint.requested:
+                if (stop if world > 1 else sigint.requested):
                     raise KeyboardInterrupt
             return finish("completed", None)
         except TrainingDiverged as exc:
@@ -594,6 +681,14 @@ def train(
             records.close()
 
 
+def _mean_over_ranks(loss_v: float, acc: float, stop: bool, device: torch.device) -> tuple[float, float, bool]:
+    """(mean loss, mean accuracy, any rank asked to stop) over the ranks of the default process group."""
+    t = torch.tensor([loss_v, acc, float(stop)], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    world = torch.distributed.get_world_size()
+    return float(t[0]) / world, float(t[1]) / world, bool(t[2] > 0)
+
+
 def _resume(ctx: TrainContext, latest: tuple[int, Path], steps: int) -> tuple[int, float]:
     """Load the latest checkpoint into the model, optimizer, scheduler and RNG; return ``(step, elapsed_s)``."""
     ckpt_step, ckpt_path = latest
@@ -603,7 +698,7 @@ def _resume(ctx: TrainContext, latest: tuple[int, Path], steps: int) -> tuple[in
     if ckpt_step > steps:
         raise SymtoolsError(f"the latest checkpoint of {ctx.out_dir} is at step {ckpt_step}, past steps={steps}")
     try:
-        ctx.model.load_state_dict(ckpt["model"])
+        _unwrap(ctx.model).load_state_dict(ckpt["model"])
         ctx.optimizer.load_state_dict(ckpt["optimizer"])
         if ctx.scheduler is not None and "scheduler" in ckpt:
             ctx.scheduler.load_state_dict(ckpt["scheduler"])

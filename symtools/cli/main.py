@@ -19,6 +19,8 @@ COMMANDS: dict[str, str] = {
     "symmetries": "symtools.cli.symmetries",
     "check": "symtools.cli.check",
     "train": "symtools.cli.train",
+    "plot": "symtools.cli.plot",
+    "audit": "symtools.cli.audit",
 }
 
 # One-line descriptions, kept here so that --help does not import torch.
@@ -28,6 +30,8 @@ SUMMARIES: dict[str, str] = {
     "symmetries": "list the translation, scale and rescale groups of a model's loss, found from its graph",
     "check": "verify the gradient and Hessian identities of every symmetry group of a model (HVPs)",
     "train": "train a model with the conservation-law monitor (records, checkpoints, summary)",
+    "plot": "plot a monitored run: per-layer and per-group charges vs laws and theory, momentum, residuals",
+    "audit": "audit a checkpoint: charges per symmetry group, identities, comparison with init and the laws",
 }
 
 

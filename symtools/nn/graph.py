@@ -116,8 +116,8 @@ def bind(model: nn.Module, family: str, layer: str, slots: Mapping[str, Sequence
     Checked: every param is in ``model.named_parameters()``; ``shape`` has the tensor's number of elements;
     ``axis`` is an axis of that view whose size is ``count`` (``axis=None``, the whole tensor, needs
     ``count == 1``). Example: ``bind(model, "rescale", "fc0 → fc1", {"x_in": [("fc0.weight", 0),
-    ("fc0.bias", 0)], "x_out": [("fc1.weight", 1)]}, count=16)``. ``epsilon_of``: the BatchNorm whose ε
-    breaks a scale group (see :class:`GroupSet`).
+    ("fc0.bias", 0)], "x_out": [("fc1.weight", 1)]}, count=16)``. ``epsilon_of``: the BatchNorm (or LayerNorm)
+    whose ε breaks a scale group (see :class:`GroupSet`).
     """
     if not isinstance(family, str) or not family:
         raise SymtoolsError(f"family must be a non-empty name, got {family!r}")
@@ -125,8 +125,10 @@ def bind(model: nn.Module, family: str, layer: str, slots: Mapping[str, Sequence
         raise SymtoolsError(f"count must be a positive integer, got {count!r}")
     if not slots:
         raise SymtoolsError(f"{family} at {layer}: no slots given")
-    if epsilon_of is not None and not isinstance(dict(model.named_modules()).get(epsilon_of), BATCH_NORMS):
-        raise SymtoolsError(f"{family} at {layer}: epsilon_of={epsilon_of!r} is not a BatchNorm module of the model")
+    if epsilon_of is not None and not isinstance(dict(model.named_modules()).get(epsilon_of),
+                                                 BATCH_NORMS + (nn.LayerNorm,)):
+        raise SymtoolsError(f"{family} at {layer}: epsilon_of={epsilon_of!r} is not a BatchNorm or LayerNorm "
+                            f"module of the model")
     params = dict(model.named_parameters())
     bound: dict[str, tuple[TensorSlice, ...]] = {}
     for slot, items in slots.items():
@@ -395,7 +397,8 @@ class _Walk:
                             f"the units of {src.name}")
             return
         self.add("scale", label, 1, {"x": [TensorSlice(p, None) for p in src.rows]},
-                 f"the whole layer, through {path.describe()}; LayerNorm removes a common scale")
+                 f"the whole layer, through {path.describe()}; LayerNorm removes a common scale",
+                 epsilon_of=str(nxt.target) if path.degree == 1 else None)  # LN's ε breaks it like BN's
         if path.shifts:
             self.uniform_translation(src, label, "LayerNorm removes the per-sample mean")
 

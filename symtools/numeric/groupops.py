@@ -10,6 +10,7 @@ weights) are scattered back with :func:`scatter_back`. Reductions accumulate in 
 from __future__ import annotations
 
 import importlib
+import math
 from types import ModuleType
 from typing import Iterable, Mapping
 
@@ -20,6 +21,13 @@ from symtools.errors import SymtoolsError
 from symtools.nn.groups import GroupSet, TensorSlice
 
 ACC = torch.float64  # accumulation dtype of every per-group reduction
+
+#: Elements per block of :func:`reduce_terms` on the CPU. A block's temporaries (the density values, their
+#: float64 sums) stay in the cache instead of streaming through memory, and a block is below torch's
+#: intra-op grain size (32768 elements), so its ops run on the calling thread: no OpenMP fork/join per op,
+#: which costs milliseconds when the cores are shared (measured in docs/benchmarks.md, "Monitor").
+#: Other devices reduce whole tensors.
+CPU_BLOCK = 32_000
 
 
 def family_module(family: str | ModuleType) -> ModuleType:
@@ -91,57 +99,126 @@ class ViewCache:
         self.sources = sources
         self._views: dict[tuple, Tensor] = {}
 
+    def source(self, prefix: str, ts: TensorSlice) -> Tensor:
+        """The whole tensor behind ``ts`` for ``prefix`` (values, gradient, buffer …), unchanged."""
+        source = self.sources.get(prefix)
+        if source is None or ts.param not in source:
+            raise SymtoolsError(f"no {prefix or 'value'} tensor for {ts.param}")
+        return source[ts.param]
+
     def get(self, prefix: str, ts: TensorSlice) -> Tensor:
         key = (prefix, ts.param, ts.axis, ts.shape)
         view = self._views.get(key)
         if view is None:
-            source = self.sources.get(prefix)
-            if source is None or ts.param not in source:
-                raise SymtoolsError(f"no {prefix or 'value'} tensor for {ts.param}")
-            view = group_view(source[ts.param], ts)
-            if view.dtype not in (torch.float32, ACC):
-                view = view.float()
+            view = _widen(group_view(self.source(prefix, ts), ts))
             self._views[key] = view
         return view
 
-    def arguments(self, names, gs: GroupSet, slot: str, index: int) -> list[Tensor]:
-        """The views for a generated function's argument ``names`` (from its module's ``ARGS``), for the
-        ``index``-th tensor of ``slot``: a slot name means the values, ``g_<slot>`` the gradient,
-        ``b_``/``d_``/``u_`` a buffer, displacement or update. A function of several slots (a coupled
-        action) pairs the ``index``-th tensor of each slot."""
+    def slices(self, names, gs: GroupSet, slot: str, index: int) -> list[tuple[str, TensorSlice]]:
+        """``(prefix, TensorSlice)`` of each argument name (see :meth:`arguments`)."""
         out = []
         for name in names:
             prefix = next((p for p in PREFIXES if name.startswith(p) and name[len(p):] in gs.slots), "")
             tensors = gs.slots[name[len(prefix):]]
             if len(tensors) != len(gs.slots[slot]):
                 raise SymtoolsError(f"{gs.family} at {gs.layer}: coupled slots need the same number of tensors")
-            out.append(self.get(prefix, tensors[index]))
+            out.append((prefix, tensors[index]))
         return out
 
+    def arguments(self, names, gs: GroupSet, slot: str, index: int) -> list[Tensor]:
+        """The views for a generated function's argument ``names`` (from its module's ``ARGS``), for the
+        ``index``-th tensor of ``slot``: a slot name means the values, ``g_<slot>`` the gradient,
+        ``b_``/``d_``/``u_`` a buffer, displacement or update. A function of several slots (a coupled
+        action) pairs the ``index``-th tensor of each slot."""
+        return [self.get(prefix, ts) for prefix, ts in self.slices(names, gs, slot, index)]
 
-def reduce_density(functions: Mapping[str, object], args: Mapping[str, tuple[str, ...]], gs: GroupSet,
-                   cache: "ViewCache", with_size: bool = False) -> tuple[Tensor, Tensor | None]:
-    """Per group: (Σ, Σ|·| or None) over slots, tensors and elements of ``functions[slot](...)``.
+
+def _widen(view: Tensor) -> Tensor:
+    """Half precisions are evaluated in float32 (float32 and float64 are kept)."""
+    return view if view.dtype in (torch.float32, ACC) else view.float()
+
+
+def _layout(ts: TensorSlice, shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """``(pre, count, post)``: the tensor (of ``shape``, viewed as ``ts.shape``) in its own memory order is
+    ``pre`` blocks of ``count`` groups of ``post`` elements (``axis=None``: ``numel`` blocks of 1 group)."""
+    shape = tuple(ts.shape) if ts.shape is not None else tuple(shape)
+    if ts.axis is None:
+        return math.prod(shape), 1, 1
+    return math.prod(shape[:ts.axis]), shape[ts.axis], math.prod(shape[ts.axis + 1:])
+
+
+def _blocks(rows: int, row_size: int, device: torch.device) -> list[slice]:
+    """Slices of ``rows`` rows of ``row_size`` elements, about :data:`CPU_BLOCK` elements each on the CPU."""
+    step = rows if device.type != "cpu" else max(1, CPU_BLOCK // max(row_size, 1))
+    return [slice(r, min(r + step, rows)) for r in range(0, rows, step)]
+
+
+def reduce_terms(terms: Mapping[str, tuple[Mapping[str, object], Mapping[str, tuple[str, ...]]]], gs: GroupSet,
+                 cache: "ViewCache", sized: Iterable[str] = ()) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Per group, for each term ``name``: Σ (and, for names in ``sized``, Σ|·|) over slots, tensors and
+    elements of ``functions[slot](...)``, where ``terms[name] = (functions, args)``.
 
     ``functions``/``args`` are one term's tables of a generated module (e.g. ``DENSITY['Q']`` and
     ``ARGS['Q']`` of a law module, or ``CHARGE_DENSITY`` and ``ARGS['charge_density']``). Elementwise values
     are computed in the views' dtype and accumulated in float64: a float32 product carries a relative
     rounding of 2⁻²⁴ that averages out in the sum (it stays far below the 2⁻²⁴·Σ|terms| that the float32
-    optimizer step itself leaves in the charge). The sum of absolute values (``with_size``) is the scale
-    that the sum's round-off is relative to.
+    optimizer step itself leaves in the charge). The sum of absolute values is the scale that the sum's
+    round-off is relative to.
+
+    The functions are elementwise, so they are evaluated on the tensors in their own memory order (no copy
+    to move a group axis first): a tensor is ``pre`` blocks of ``count`` groups of ``post`` elements
+    (:func:`_layout`); with ``pre = 1`` each row of the ``(count, post)`` matrix is one group's, otherwise
+    the column sums of the ``(pre, count·post)`` matrix are folded to groups at the end. All terms of a
+    tensor are evaluated together, a block of rows at a time (:data:`CPU_BLOCK`). A function pairing
+    tensors of different layouts (a coupled action) is evaluated on :meth:`ViewCache.get`'s views instead.
     """
-    total = torch.zeros(gs.count, dtype=ACC, device=_device(cache.sources[""]))
-    size = torch.zeros_like(total) if with_size else None
+    sized = set(sized)
+    device = _device(cache.sources[""])
+    totals = {name: torch.zeros(gs.count, dtype=ACC, device=device) for name in terms}
+    sizes = {name: torch.zeros(gs.count, dtype=ACC, device=device) for name in terms if name in sized}
     for slot, tensors in gs.slots.items():
-        fn = functions.get(slot)
-        if fn is None:
+        calls = [(name, fns[slot], args[slot]) for name, (fns, args) in terms.items() if fns.get(slot) is not None]
+        if not calls:
             continue
         for i in range(len(tensors)):
-            val = fn(*cache.arguments(args[slot], gs, slot, i))
-            total += val.sum(dim=1, dtype=ACC)
-            if with_size:
-                size += val.abs().sum(dim=1, dtype=ACC)
-    return total, size
+            slices = {n: sl for _, _, names in calls for n, sl in zip(names, cache.slices(names, gs, slot, i))}
+            layouts = {_layout(ts, cache.source(prefix, ts).shape) for prefix, ts in slices.values()}
+            if len(layouts) != 1:
+                for name, fn, names in calls:
+                    val = fn(*cache.arguments(names, gs, slot, i))
+                    totals[name] += val.sum(dim=1, dtype=ACC)
+                    if name in sizes:
+                        sizes[name] += val.abs().sum(dim=1, dtype=ACC)
+                continue
+            pre, count, post = layouts.pop()
+            rows, width = (count, post) if pre == 1 else (pre, count * post)
+            matrices = {n: cache.source(prefix, ts).reshape(rows, width) for n, (prefix, ts) in slices.items()}
+            folded = {name: torch.zeros(width, dtype=ACC, device=device) for name, _, _ in calls} if pre > 1 else {}
+            folded_size = {name: torch.zeros(width, dtype=ACC, device=device) for name in folded if name in sizes}
+            for block in _blocks(rows, width, device):
+                views = {n: _widen(m[block]) for n, m in matrices.items()}
+                for name, fn, names in calls:
+                    val = fn(*[views[n] for n in names])
+                    if pre == 1:  # rows are groups
+                        totals[name][block] += val.sum(dim=1, dtype=ACC)
+                        if name in sizes:
+                            sizes[name][block] += val.abs().sum(dim=1, dtype=ACC)
+                    else:
+                        folded[name] += val.sum(dim=0, dtype=ACC)
+                        if name in folded_size:
+                            folded_size[name] += val.abs().sum(dim=0, dtype=ACC)
+            for name, col in folded.items():
+                totals[name] += col.view(count, post).sum(dim=1)
+                if name in folded_size:
+                    sizes[name] += folded_size[name].view(count, post).sum(dim=1)
+    return totals, sizes
+
+
+def reduce_density(functions: Mapping[str, object], args: Mapping[str, tuple[str, ...]], gs: GroupSet,
+                   cache: "ViewCache", with_size: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Per group: (Σ, Σ|·| or None) of one term (see :func:`reduce_terms`)."""
+    totals, sizes = reduce_terms({"": (functions, args)}, gs, cache, ("",) if with_size else ())
+    return totals[""], sizes.get("")
 
 
 def gradient_terms(module: ModuleType, gs: GroupSet, params, grads, g_typical: float = 0.0) -> tuple[Tensor, Tensor]:

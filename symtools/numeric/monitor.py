@@ -36,7 +36,7 @@ from torch import Tensor
 
 from symtools.errors import SymtoolsError
 from symtools.nn.groups import GroupSet, SymmetryMap
-from symtools.numeric.groupops import ACC, ViewCache, reduce_density
+from symtools.numeric.groupops import ACC, ViewCache, reduce_terms
 
 QUANTITIES = ("measured", "step", "accumulated", "continuous")
 
@@ -83,16 +83,16 @@ def _terms_scale(advance, state: dict, terms: dict, hyper) -> Tensor:
     The laws are linear in their state and measured terms (with coefficients set by the hyper-parameters),
     so the contribution of one input is the law applied to that input alone. Summing their absolute values
     gives the size of what the prediction adds up, which is the scale its round-off is relative to (the
-    terms can cancel: a bias that BatchNorm makes irrelevant has θ' = (1 − ηλ)θ − ηg ≈ 0).
+    terms can cancel: a bias that BatchNorm makes irrelevant has θ' = (1 − ηλ)θ − ηg ≈ 0). The laws are
+    elementwise, so all inputs go through one call: row j of each stacked input holds input j, 0 elsewhere.
     """
-    names = list(state) + list(terms)
-    total = None
-    for name in names:
-        st = {k: (v if k == name else torch.zeros_like(v)) for k, v in state.items()}
-        tm = {k: (v if k == name else torch.zeros_like(v)) for k, v in terms.items()}
-        part = advance(st, tm, *hyper)["Q"].abs()
-        total = part if total is None else total + part
-    return total
+    inputs = {**{("state", k): v for k, v in state.items()}, **{("terms", k): v for k, v in terms.items()}}
+    alone = {}
+    for j, (key, v) in enumerate(inputs.items()):
+        alone[key] = torch.zeros((len(inputs),) + tuple(v.shape), dtype=v.dtype, device=v.device)
+        alone[key][j] = v
+    parts = advance({k: alone[("state", k)] for k in state}, {k: alone[("terms", k)] for k in terms}, *hyper)["Q"]
+    return parts.abs().sum(dim=0)
 
 
 class Monitor:
@@ -192,8 +192,8 @@ class Monitor:
 
     def _measure(self, law, names, gs, cache: ViewCache, known: dict | None = None) -> dict[str, Tensor]:
         known = known or {}
-        return {n: known[n] if n in known else reduce_density(law.DENSITY[n], law.ARGS[n], gs, cache)[0]
-                for n in names}
+        totals, _ = reduce_terms({n: (law.DENSITY[n], law.ARGS[n]) for n in names if n not in known}, gs, cache)
+        return {n: known[n] if n in known else totals[n] for n in names}
 
     def before_step(self, ctx) -> None:
         cache = ViewCache(self._sources(ctx.optimizer, with_buffer=self.kind in ("momentum", "nesterov")))
@@ -210,8 +210,9 @@ class Monitor:
             advance = s.law.first_step if use_first else s.law.step
             # Q at θ_{n−1} was measured after the previous step (same weights): reuse it
             known = {"Q": s.last.pop("Q_law")} if "Q_law" in s.last else None
-            state = self._measure(s.law, state_names, s.gs, cache, known)
-            terms = self._measure(s.law, meas_names, s.gs, cache)
+            found = self._measure(s.law, tuple(state_names) + tuple(meas_names), s.gs, cache, known)
+            state = {n: found[n] for n in state_names}
+            terms = {n: found[n] for n in meas_names}
             s.pred = advance(state, terms, *hyper)
             s.last["terms_scale"] = _terms_scale(advance, state, terms, hyper)
             if not s.acc:  # step 0 (on resume the accumulated state was restored)
@@ -226,15 +227,22 @@ class Monitor:
     def after_step(self, ctx) -> None:
         step = ctx.step
         sources = self._sources(ctx.optimizer, with_buffer=self.kind in ("momentum", "nesterov"))
-        if self._before:
-            sources["d_"] = {k: p.detach() - self._before[k] for k, p in self._params.items()}
+        if self._before:  # the displacement θ_n − θ_{n−1}, written over the copy of θ_{n−1}
+            sources["d_"] = {k: torch.sub(p.detach(), self._before[k], out=self._before[k])
+                             for k, p in self._params.items()}
             self._before = {}
         cache = ViewCache(sources)
         row = [float(step)]
         per_group = {}
         for s in self.sites:
             q = s.charge
-            measured, scale = reduce_density(q.CHARGE_DENSITY, q.ARGS["charge_density"], s.gs, cache, with_size=True)
+            # the charge (key "": no law term has that name) and the continuous theory's new terms, in one pass
+            todo = {"": (q.CHARGE_DENSITY, q.ARGS["charge_density"])}
+            if s.law is not None and s.law.CONTINUOUS_STATE:
+                todo.update({n: (s.law.DENSITY[n], s.law.ARGS[n]) for n in s.law.CONTINUOUS_MEASURED
+                             if n not in s.pending_cont["terms"]})
+            totals, sizes = reduce_terms(todo, s.gs, cache, sized=("",))
+            measured, scale = totals.pop(""), sizes[""]
             if s.law is not None:
                 s.last["Q_law"] = measured / self._factor(s)
                 scale = scale + s.last["terms_scale"]
@@ -245,7 +253,7 @@ class Monitor:
                 acc = s.acc["Q"] * factor
                 if s.law.CONTINUOUS_STATE:
                     pend = s.pending_cont
-                    cterms = self._measure(s.law, s.law.CONTINUOUS_MEASURED, s.gs, cache, pend["terms"])
+                    cterms = {n: totals[n] if n in totals else pend["terms"][n] for n in s.law.CONTINUOUS_MEASURED}
                     s.cont = s.law.continuous_step(s.cont, cterms, *pend["hyper"])
                     cont = s.cont["Qc"] * factor
                 else:

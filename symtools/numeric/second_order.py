@@ -9,7 +9,8 @@ per-channel leaf ε_c (same math as ``F.batch_norm`` in training, see
 
 costs one second backward pass each (counted in ``hvps``). The ε part is what makes BatchNorm's scale
 identities exact: L(αθ_A; ε) = L(θ_A; ε/α²) gives ⟨g_A, θ_A⟩ + 2ε_c ∂L/∂ε_c = 0 and, differentiating in θ,
-H θ_A + g_A + ∂θ(2ε_c ∂L/∂ε_c) = 0.
+H θ_A + g_A + ∂θ(2ε_c ∂L/∂ε_c) = 0. LayerNorm's ε breaks the scale of the layer feeding it in the same way
+(one scalar ε per LayerNorm, a leaf of shape (1,)); it is a leaf whatever ``bn`` is.
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ class SecondOrder:
         if bn == "batch":
             for name, m in batchnorm_modules(model):
                 hooks.append(m.register_forward_hook(self._make_hook(name)))
+        for name, m in model.named_modules():
+            if isinstance(m, nn.LayerNorm):
+                hooks.append(m.register_forward_hook(self._make_ln_hook(name)))
         try:
             with evaluation_mode(model, bn):
                 out = functional_call(model, self.params, (inputs,))
@@ -71,6 +75,16 @@ class SecondOrder:
             return batch_norm_batch_stats(x, mod.weight, mod.bias, self.eps[name])
         return hook
 
+    def _make_ln_hook(self, name: str) -> Callable:
+        def hook(mod, args, output):
+            x = args[0]
+            if name not in self.eps:
+                self.eps[name] = torch.full((1,), float(mod.eps), dtype=x.dtype, device=x.device,
+                                            requires_grad=True)
+                self.eps_value[name] = float(mod.eps)
+            return _layer_norm(x, len(mod.normalized_shape), mod.weight, mod.bias, self.eps[name])
+        return hook
+
     @property
     def grad(self) -> dict[str, Tensor]:
         """g = ∂L/∂θ (detached; zeros for unused parameters)."""
@@ -96,3 +110,16 @@ class SecondOrder:
         out = torch.autograd.grad(torch.stack(terms).sum(), list(self.params.values()), retain_graph=True,
                                   allow_unused=True)
         return {k: (torch.zeros_like(p) if o is None else o) for (k, p), o in zip(self.params.items(), out)}
+
+
+def _layer_norm(x: Tensor, dims: int, weight: Tensor | None, bias: Tensor | None, eps: Tensor) -> Tensor:
+    """``F.layer_norm`` over the last ``dims`` axes (biased variance) with ε a differentiable tensor."""
+    axes = tuple(range(x.dim() - dims, x.dim()))
+    mean = x.mean(dim=axes, keepdim=True)
+    centred = x - mean
+    y = centred / torch.sqrt(centred.square().mean(dim=axes, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y

@@ -9,3 +9,5 @@ from symtools.testing.actions import *  # noqa: F401,F403
 from symtools.testing.actions import __all__ as _actions_all
 
 __all__ = list(_actions_all)
+from symtools.testing.networks import *  # noqa: E402,F401,F403  (random networks: networks(), architectures())
+__all__ += __import__("symtools.testing.networks", fromlist=["__all__"]).__all__

@@ -1,0 +1,201 @@
+"""``symtools audit``: what a checkpoint's symmetries say about its weights and its training.
+
+Exit codes: 0 nothing flagged and the identities hold; 1 group sets flagged or an identity fails; 2 bad input
+(nothing is written then).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from symtools.errors import SymtoolsError
+
+HELP = "audit a checkpoint: charges per symmetry group, identities, comparison with init and with the laws"
+DTYPES = ("float64", "float32", "weights")
+
+
+def add_arguments(p) -> None:
+    p.add_argument("checkpoint", metavar="CKPT", help="state_dict (.pt, weights_only) or .safetensors, or a "
+                                                      "symtools training checkpoint")
+    p.add_argument("--model", default="auto", help="vgg11 … vgg19_bn, or auto (infer from keys and shapes; default)")
+    p.add_argument("--init", metavar="CKPT0", help="the initial weights, for 'vs init' and the laws")
+    p.add_argument("--run", metavar="RUN", help="a training run directory (runs/NAME): its step-0 checkpoint is the "
+                                                "init unless --init is given; its records give lr per step and "
+                                                "recorded charges")
+    p.add_argument("--data", default="digits", help="'digits' (bundled) or an image folder (default digits)")
+    p.add_argument("--batch", type=int, default=32, help="batch size of the identity checks (default 32)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data batch and of the checker (default 0)")
+    p.add_argument("--json", metavar="FILE", help="write the report as JSON (schema in docs/commands/audit.md); "
+                                                  "'-' prints it instead of the table")
+    p.add_argument("--report", metavar="DIR", help="write an HTML report with plots into DIR (replaced atomically)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--dtype", choices=DTYPES, default="float64",
+                   help="arithmetic of the identity checks: float64 (default), float32, or the weights' own dtype")
+    p.add_argument("--no-identities", action="store_true", help="skip the gradient/Hessian identity checks")
+    hp = p.add_argument_group("training hypothesis (instead of, or overriding, what --run/the checkpoint says)")
+    hp.add_argument("--optimizer", choices=("sgd", "momentum", "nesterov", "adam", "adamw"),
+                    help="optimizer of the hypothesis (default: sgd, or momentum when --momentum > 0)")
+    hp.add_argument("--lr", type=float, help="learning rate (constant)")
+    hp.add_argument("--wd", "--weight-decay", dest="wd", type=float, help="weight decay λ (torch: d = g + λθ)")
+    hp.add_argument("--momentum", type=float, help="heavy-ball momentum μ (torch SGD)")
+    hp.add_argument("--dampening", type=float, default=None, help="SGD dampening τ (default 0)")
+    hp.add_argument("--steps", type=int, help="number of updates between --init and CKPT (default: their steps)")
+
+
+def _device(name: str):
+    import torch
+
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SymtoolsError("--device cuda requested but no CUDA device is available (use --device cpu)")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise SymtoolsError(f"unknown device {name!r}; use cpu or cuda") from None
+
+
+def _batch(args, input_size: int, classes: int):
+    import torch
+
+    from symtools.data.loader import make_loader
+
+    if args.batch < 2:
+        raise SymtoolsError(f"--batch must be at least 2 (BatchNorm statistics and the permuted-batch round-off "
+                            f"floor need two samples), got {args.batch}")
+    stream = make_loader(args.data, args.batch, image_size=input_size, seed=args.seed, dtype=torch.float32)
+    x, y = next(iter(stream))
+    if int(y.max()) >= classes:
+        raise SymtoolsError(f"the data has labels up to {int(y.max())} but the model has {classes} classes")
+    return x, y
+
+
+def _hyper(args, ckpt, init, names, records, start: int, target: int | None):
+    """The training hypothesis: flags first, else the run's/the checkpoint's optimizer state (module docstring)."""
+    from symtools.audit.compare import Hyper, hyper_from_optimizer
+
+    flags = [v is not None for v in (args.lr, args.wd, args.momentum, args.dampening, args.optimizer)]
+    steps = args.steps
+    if steps is None and target is not None:
+        steps = target - start
+        if steps < 0:
+            raise SymtoolsError(f"the init checkpoint is at step {start}, after the audited one ({target})")
+    if any(flags) or args.steps is not None:
+        if init is None:
+            raise SymtoolsError("a training hypothesis (--lr/--wd/--momentum/--steps) needs the initial weights: "
+                                "give --init CKPT0 or --run RUN")
+        if steps is None:
+            raise SymtoolsError("the number of updates between --init and CKPT is unknown: give --steps")
+        if args.lr is None and steps > 0:
+            raise SymtoolsError("give --lr (the learning rate of the hypothesis)")
+        mom = args.momentum or 0.0
+        opt = args.optimizer or ("momentum" if mom > 0 else "sgd")
+        if opt == "sgd" and mom > 0:
+            raise SymtoolsError("--optimizer sgd has no momentum; use --optimizer momentum (or nesterov)")
+        hyper = Hyper(optimizer=opt, lr=float(args.lr or 0.0), weight_decay=float(args.wd or 0.0), momentum=mom,
+                      dampening=float(args.dampening or 0.0), steps=steps, source="command line")
+    else:
+        source = None
+        for c in (init, ckpt):  # a run's optimizer: hyperparameters are set at construction and kept
+            if c is not None and c.optimizer and c.optimizer.get("param_groups"):
+                source = c
+                break
+        if source is None or init is None or steps is None:
+            return None
+        hyper = hyper_from_optimizer(source.optimizer, names, (source.config or {}).get("optimizer_class"),
+                                     steps=steps, source=f"optimizer state of {source.path}")
+        if (ckpt.config or {}).get("scheduler_class") and records is None:
+            hyper.notes.append("the run used an LR scheduler but no records give the lr per step: the checkpoint's "
+                               "lr is used for every step")
+    if records is not None and args.lr is None and steps:
+        lrs = records.lr_schedule(start, start + steps)
+        if lrs is not None:
+            hyper.lr_schedule = lrs
+            hyper.lr = lrs[0] if lrs else hyper.lr
+            hyper.source += " + lr per step from the run's train records"
+        else:
+            hyper.notes.append("the run's train records do not cover every update: constant lr used")
+    return hyper
+
+
+def prepare(args) -> dict:
+    """Everything that can fail on bad input, before any output is written: a dict of audit_model arguments."""
+    import torch
+
+    from symtools.audit.loading import build_model_for, load_checkpoint_file
+    from symtools.audit.records import RunRecords
+    from symtools.audit.report import check_report_dir
+
+    if args.json and args.json != "-":
+        jp = Path(args.json)
+        if jp.is_dir():
+            raise SymtoolsError(f"--json {jp} is a directory; give a file name")
+        if not jp.parent.exists():
+            raise SymtoolsError(f"--json {jp}: folder {jp.parent} does not exist")
+    if args.report:
+        check_report_dir(args.report)
+    device = _device(args.device)
+    ckpt = load_checkpoint_file(args.checkpoint)
+    model, arch, notes = build_model_for(ckpt.state_dict, args.model)
+    ckpt.notes.extend(notes)
+    run = Path(args.run) if args.run else None
+    records = None
+    init_path = args.init
+    if run is not None:
+        if not run.is_dir():
+            raise SymtoolsError(f"--run {run}: no such run directory")
+        if init_path is None:
+            first = run / "checkpoints" / "step_000000.pt"
+            if not first.is_file():
+                raise SymtoolsError(f"--run {run}: no checkpoints/step_000000.pt to use as init (give --init)")
+            init_path = str(first)
+        records = RunRecords(run)
+    init = None
+    if init_path is not None:
+        init = load_checkpoint_file(init_path)
+        own = dict(model.named_parameters())
+        missing = [k for k in own if k not in init.state_dict]
+        wrong = [f"{k}: {tuple(init.state_dict[k].shape)} vs {tuple(p.shape)}" for k, p in own.items()
+                 if k in init.state_dict and tuple(init.state_dict[k].shape) != tuple(p.shape)]
+        if missing or wrong:
+            raise SymtoolsError(f"--init {init_path} does not fit the audited {arch.name}: "
+                                + (f"missing keys ({len(missing)}): {', '.join(missing[:6])}" if missing else "")
+                                + ("; " if missing and wrong else "")
+                                + (f"shape mismatches ({len(wrong)}): {', '.join(wrong[:6])}" if wrong else ""))
+    start = init.step if init is not None and init.step is not None else 0
+    if init is not None and args.steps is None and ckpt.step is None and (args.lr is not None or args.wd is not None):
+        raise SymtoolsError(f"{args.checkpoint} does not say its step: give --steps")
+    target = ckpt.step if (init is not None and ckpt.step is not None) else None
+    names = [n for n, _ in model.named_parameters()]
+    hyper = _hyper(args, ckpt, init, names, records, start, target)
+    x, y = _batch(args, arch.input_size, arch.classes)
+    dtype = {"float64": torch.float64, "float32": torch.float32, "weights": None}[args.dtype]
+    model = model.to(device)
+    return {"model": model, "inputs": x.to(device=device, dtype=next(model.parameters()).dtype), "targets": y.to(device),
+            "checkpoint": ckpt, "init": init, "init_step": start if init is not None else None, "hyper": hyper,
+            "records": records, "identities": not args.no_identities, "check_dtype": dtype, "seed": args.seed,
+            "info": {"name": arch.name, "input_size": arch.input_size, "classes": arch.classes,
+                     "hidden": arch.hidden, "batch_norm": arch.batch_norm, "inferred": args.model == "auto",
+                     "data": args.data, "device": str(device)}}
+
+
+def run(args) -> int:
+    import json
+
+    from symtools.audit.core import audit_model
+    from symtools.audit.report import render_table, write_html, write_json
+
+    kwargs = prepare(args)
+    quiet = args.json == "-"
+    say = None if quiet else (lambda m: print(f"[audit] {m}", file=sys.stderr))
+    report = audit_model(progress=say, **kwargs)
+    if args.report:
+        write_html(report, args.report)
+    if args.json and args.json != "-":
+        write_json(report, args.json)
+    if quiet:
+        print(json.dumps(report, indent=1))
+    else:
+        print(render_table(report))
+        if args.report:
+            print(f"report: {Path(args.report) / 'index.html'}")
+    return int(report["exit_code"])
