@@ -8,9 +8,7 @@ the library-level checks of the momentum buffers. Tolerances are stated where th
 from __future__ import annotations
 
 import json
-import math
 import re
-import shutil
 from html.parser import HTMLParser
 from pathlib import Path
 

@@ -274,10 +274,10 @@ def _plots(report: dict, folder: Path) -> list[tuple[str, str]]:
         ax.axhline(1.0, color="black", lw=0.8)
         ax.set_yscale("log")
         ax.set_xticks(range(len(judged)))
-        ax.set_xticklabels([f"{e['family'][:5]} {_short(e['layer'], 22)}" for e, _ in judged], rotation=90, fontsize=5)
+        ax.set_xticklabels([f"{e['family'][:5]} {_short(e['layer'], 34)}" for e, _ in judged], rotation=90, fontsize=5)
         ax.set_ylabel("max |deviation| / tolerance", fontsize=7)
         ax.tick_params(axis="y", labelsize=6)
-        fig.subplots_adjust(left=0.12, right=0.98, bottom=0.45, top=0.95)
+        fig.subplots_adjust(left=0.12, right=0.98, bottom=0.55, top=0.95)
         fig.savefig(folder / "deviation_ratio.png", dpi=80)
         plt.close(fig)
         out.append(("deviation_ratio.png", "Largest deviation from the prediction per group set, in units of its "

@@ -31,9 +31,10 @@ DEMO_SPECS = {
 def add_arguments(p) -> None:
     p.add_argument("--out", default="out/demo", help="folder for everything the demo writes (default: out/demo)")
     p.add_argument("--model", default="vgg16_bn", help="model to train (default vgg16_bn)")
-    p.add_argument("--steps", type=int, default=200, help="training steps (default 200)")
-    p.add_argument("--batch", type=int, default=32, help="batch size (default 32)")
-    p.add_argument("--check-every", type=int, default=100, help="identity checks every K steps (default 100)")
+    p.add_argument("--steps", type=int, default=100, help="training steps (default 100)")
+    p.add_argument("--batch", type=int, default=16, help="training batch size (default 16)")
+    p.add_argument("--check-every", type=int, default=50, help="identity checks every K steps (default 50)")
+    p.add_argument("--audit-batch", type=int, default=8, help="batch of the audit's identity checks (default 8)")
     p.add_argument("--derive-only", action="store_true", help="stop after the derivations")
 
 
@@ -87,8 +88,8 @@ def run(args) -> int:
         from symtools.training import latest_checkpoint
 
         final = latest_checkpoint(run_dir)
-        code = cli(["audit", str(final), "--run", str(run_dir), "--json", str(out / "audit.json"),
-                    "--report", str(out / "audit")])
+        code = cli(["audit", str(final), "--run", str(run_dir), "--batch", str(args.audit_batch),
+                    "--json", str(out / "audit.json"), "--report", str(out / "audit")])
         outputs += [("training run (records, checkpoints, summary.json)", run_dir),
                     ("figures", run_dir / "plots"), ("audit report (open index.html)", out / "audit"),
                     ("audit JSON", out / "audit.json")]

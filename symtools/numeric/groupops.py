@@ -147,10 +147,9 @@ def _layout(ts: TensorSlice, shape: tuple[int, ...]) -> tuple[int, int, int]:
     return math.prod(shape[:ts.axis]), shape[ts.axis], math.prod(shape[ts.axis + 1:])
 
 
-def _blocks(rows: int, row_size: int, device: torch.device) -> list[slice]:
-    """Slices of ``rows`` rows of ``row_size`` elements, about :data:`CPU_BLOCK` elements each on the CPU."""
-    step = rows if device.type != "cpu" else max(1, CPU_BLOCK // max(row_size, 1))
-    return [slice(r, min(r + step, rows)) for r in range(0, rows, step)]
+def _block_rows(rows: int, row_size: int, device: torch.device) -> int:
+    """Rows per block: about :data:`CPU_BLOCK` elements on the CPU, all rows elsewhere."""
+    return rows if device.type != "cpu" else max(1, min(rows, CPU_BLOCK // max(row_size, 1)))
 
 
 def reduce_terms(terms: Mapping[str, tuple[Mapping[str, object], Mapping[str, tuple[str, ...]]]], gs: GroupSet,
@@ -169,7 +168,8 @@ def reduce_terms(terms: Mapping[str, tuple[Mapping[str, object], Mapping[str, tu
     to move a group axis first): a tensor is ``pre`` blocks of ``count`` groups of ``post`` elements
     (:func:`_layout`); with ``pre = 1`` each row of the ``(count, post)`` matrix is one group's, otherwise
     the column sums of the ``(pre, count·post)`` matrix are folded to groups at the end. All terms of a
-    tensor are evaluated together, a block of rows at a time (:data:`CPU_BLOCK`). A function pairing
+    tensor are evaluated together, a block of rows at a time (:data:`CPU_BLOCK`), each block's sums written
+    to their own output rows (one op per term and block). A function pairing
     tensors of different layouts (a coupled action) is evaluated on :meth:`ViewCache.get`'s views instead.
     """
     sized = set(sized)
@@ -191,26 +191,25 @@ def reduce_terms(terms: Mapping[str, tuple[Mapping[str, object], Mapping[str, tu
                         sizes[name] += val.abs().sum(dim=1, dtype=ACC)
                 continue
             pre, count, post = layouts.pop()
-            rows, width = (count, post) if pre == 1 else (pre, count * post)
-            matrices = {n: cache.source(prefix, ts).reshape(rows, width) for n, (prefix, ts) in slices.items()}
-            folded = {name: torch.zeros(width, dtype=ACC, device=device) for name, _, _ in calls} if pre > 1 else {}
-            folded_size = {name: torch.zeros(width, dtype=ACC, device=device) for name in folded if name in sizes}
-            for block in _blocks(rows, width, device):
-                views = {n: _widen(m[block]) for n, m in matrices.items()}
+            # pre = 1: (count, post), one row per group, summed along rows; otherwise (pre, count·post),
+            # summed along columns, one output row per block, folded to groups at the end
+            rows, width, dim = (count, post, 1) if pre == 1 else (pre, count * post, 0)
+            step = _block_rows(rows, width, device)
+            blocks = -(-rows // step)
+            parts = {n: cache.source(prefix, ts).reshape(rows, width).split(step) for n, (prefix, ts) in slices.items()}
+            out = {(name, kind): torch.empty((count,) if pre == 1 else (blocks, width), dtype=ACC, device=device)
+                   for name, _, _ in calls for kind in ("sum", "abs") if kind == "sum" or name in sizes}
+            out_rows = {key: buf.split(step) if pre == 1 else buf for key, buf in out.items()}
+            for b in range(blocks):
+                views = {n: _widen(p[b]) for n, p in parts.items()}
                 for name, fn, names in calls:
                     val = fn(*[views[n] for n in names])
-                    if pre == 1:  # rows are groups
-                        totals[name][block] += val.sum(dim=1, dtype=ACC)
-                        if name in sizes:
-                            sizes[name][block] += val.abs().sum(dim=1, dtype=ACC)
-                    else:
-                        folded[name] += val.sum(dim=0, dtype=ACC)
-                        if name in folded_size:
-                            folded_size[name] += val.abs().sum(dim=0, dtype=ACC)
-            for name, col in folded.items():
-                totals[name] += col.view(count, post).sum(dim=1)
-                if name in folded_size:
-                    sizes[name] += folded_size[name].view(count, post).sum(dim=1)
+                    torch.sum(val, dim=dim, dtype=ACC, out=out_rows[name, "sum"][b])
+                    if (name, "abs") in out_rows:
+                        torch.sum(val.abs(), dim=dim, dtype=ACC, out=out_rows[name, "abs"][b])
+            for (name, kind), buf in out.items():
+                per_group = buf if pre == 1 else buf.sum(dim=0).view(count, post).sum(dim=1)
+                (totals if kind == "sum" else sizes)[name] += per_group
     return totals, sizes
 
 
