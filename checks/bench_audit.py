@@ -30,6 +30,7 @@ Prints a table and replaces the "Audit" section of ``docs/benchmarks.md`` (creat
 
 from __future__ import annotations
 
+import benchdoc  # checks/benchdoc.py (the scripts run from checks/)
 import argparse
 import math
 import os
@@ -317,16 +318,9 @@ def analysis(results) -> str:
     return text
 
 
-def update_doc(path: Path, text: str) -> None:
-    """Replace only the "## Audit" section (re-reading the file right before writing: others edit it too)."""
-    doc = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^## {re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(doc):
-        doc = pattern.sub(lambda _: text + "\n", doc, count=1)
-    else:
-        doc = doc.rstrip() + "\n\n" + text
-    path.write_text(doc.rstrip() + "\n")
 
+def update_doc(path: Path, text: str) -> None:
+    benchdoc.update_doc(path, SECTION, text)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -19,6 +19,7 @@ with its conventions header, if needed). ``--strict`` exits 1 when a target is m
 
 from __future__ import annotations
 
+import benchdoc  # checks/benchdoc.py (the scripts run from checks/)
 import argparse
 import os
 import platform
@@ -145,16 +146,9 @@ def section(rows, extra, repeats, info) -> str:
             f"Machine: {desc}.\n\n{table(rows, extra, repeats)}\n")
 
 
-def update_doc(path: Path, text: str) -> None:
-    doc = path.read_text() if path.exists() else HEADER
-    pattern = re.compile(rf"^## {re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(doc):
-        doc = pattern.sub(lambda _: text + "\n", doc, count=1)
-    else:
-        doc = doc.rstrip() + "\n\n" + text
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(doc.rstrip() + "\n")
 
+def update_doc(path: Path, text: str) -> None:
+    benchdoc.update_doc(path, SECTION, text, HEADER)
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

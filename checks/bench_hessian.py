@@ -39,6 +39,7 @@ measurement, printed as JSON).
 
 from __future__ import annotations
 
+import benchdoc  # checks/benchdoc.py (the scripts run from checks/)
 import argparse
 import json
 import math
@@ -391,15 +392,9 @@ def section(info, speeds, mem, cl, repeats, memory_batch) -> tuple[str, list[str
     return "\n".join(lines), missed
 
 
-def update_doc(path: Path, text: str) -> None:
-    doc = path.read_text() if path.exists() else HEADER
-    pattern = re.compile(rf"^## {re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(doc):
-        doc = pattern.sub(lambda _: text + "\n", doc, count=1)
-    else:
-        doc = doc.rstrip() + "\n\n" + text
-    path.write_text(doc.rstrip() + "\n")
 
+def update_doc(path: Path, text: str) -> None:
+    benchdoc.update_doc(path, SECTION, text, HEADER)
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

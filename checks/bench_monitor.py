@@ -35,6 +35,7 @@ overhead exceeds the target; ``--profile`` prints the top functions of the monit
 
 from __future__ import annotations
 
+import benchdoc  # checks/benchdoc.py (the scripts run from checks/)
 import argparse
 import cProfile
 import io
@@ -309,16 +310,9 @@ def section(results, args, info, load_end) -> str:
             f"Machine: {desc}; load at the end {load_end}.\n\n{table(results, args)}\n")
 
 
-def update_doc(path: Path, text: str) -> None:
-    doc = path.read_text() if path.exists() else HEADER
-    pattern = re.compile(rf"^## {re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(doc):
-        doc = pattern.sub(lambda _: text + "\n", doc, count=1)
-    else:
-        doc = doc.rstrip() + "\n\n" + text
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(doc.rstrip() + "\n")
 
+def update_doc(path: Path, text: str) -> None:
+    benchdoc.update_doc(path, SECTION, text, HEADER)
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
