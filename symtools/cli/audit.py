@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from symtools.cli.common import parse_device
 from symtools.errors import SymtoolsError
 
 HELP = "audit a checkpoint: charges per symmetry group, identities, comparison with init and with the laws"
@@ -42,16 +43,6 @@ def add_arguments(p) -> None:
     hp.add_argument("--dampening", type=float, default=None, help="SGD dampening τ (default 0)")
     hp.add_argument("--steps", type=int, help="number of updates between --init and CKPT (default: their steps)")
 
-
-def _device(name: str):
-    import torch
-
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SymtoolsError("--device cuda requested but no CUDA device is available (use --device cpu)")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise SymtoolsError(f"unknown device {name!r}; use cpu or cuda") from None
 
 
 def _batch(args, input_size: int, classes: int):
@@ -133,7 +124,7 @@ def prepare(args) -> dict:
             raise SymtoolsError(f"--json {jp}: folder {jp.parent} does not exist")
     if args.report:
         check_report_dir(args.report)
-    device = _device(args.device)
+    device = parse_device(args.device)
     ckpt = load_checkpoint_file(args.checkpoint)
     model, arch, notes = build_model_for(ckpt.state_dict, args.model)
     ckpt.notes.extend(notes)

@@ -6,6 +6,7 @@ import json
 import sys
 import time
 
+from symtools.cli.common import parse_device
 from symtools.errors import SymtoolsError
 
 HELP = "verify the gradient and Hessian identities of every symmetry group of a model (HVPs)"
@@ -49,16 +50,6 @@ def _batch(args, dtype):
     return x, y
 
 
-def _device(name: str):
-    import torch
-
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SymtoolsError("--device cuda requested but no CUDA device is available (use --device cpu)")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise SymtoolsError(f"unknown device {name!r}; use cpu or cuda") from None
-
 
 def load_weights(model, path: str) -> None:
     """Load a torchvision-layout state_dict or a symtools checkpoint into ``model`` (safe loading only)."""
@@ -88,7 +79,7 @@ def run(args) -> int:
     from symtools.numeric.checker import check
 
     dtype = getattr(torch, args.dtype)
-    device = _device(args.device)
+    device = parse_device(args.device)
     torch.manual_seed(args.seed)
     model = build_model(args.model, input_size=args.input, classes=args.classes)
     if args.weights:

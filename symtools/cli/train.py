@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
+from symtools.cli.common import parse_device
 from symtools.errors import SymtoolsError
 
 HELP = "train a model with the conservation-law monitor (records, checkpoints, summary)"
@@ -61,21 +62,20 @@ def run(args) -> int:
 
     if args.steps < 1:
         raise SymtoolsError(f"--steps must be at least 1, got {args.steps}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SymtoolsError("--device cuda requested but no CUDA device is available (use --device cpu)")
+    device = parse_device(args.device)
     batches = make_loader(args.data, args.batch, image_size=args.input, seed=args.seed)
     torch.manual_seed(args.seed)
-    model = build_model(args.model, input_size=args.input, classes=batches.classes).to(args.device)
+    model = build_model(args.model, input_size=args.input, classes=batches.classes).to(device)
     optimizer = make_optimizer(args.optimizer, model.parameters(), args.lr, args.wd, args.momentum,
                                args.dampening, args.nesterov)
     x0, _ = batches.batch(0)
-    symmetries = find_symmetries(model, x0[:1].to(args.device))
+    symmetries = find_symmetries(model, x0[:1].to(device))
     monitor = Monitor(symmetries, stride=args.stride, check_every=args.check_every, seed=args.seed)
     config = {"model": args.model, "data": args.data, "input": args.input, "classes": batches.classes,
               "batch": args.batch, "optimizer": args.optimizer, "lr": args.lr, "wd": args.wd,
               "momentum": args.momentum, "dampening": args.dampening, "nesterov": args.nesterov,
               "seed": args.seed, "steps": args.steps, "stride": args.stride, "check_every": args.check_every}
-    summary = train(model, optimizer, batches, args.steps, device=args.device, out_dir=args.out,
+    summary = train(model, optimizer, batches, args.steps, device=device, out_dir=args.out,
                     checkpoint_every=args.checkpoint_every, callbacks=[monitor], progress=not args.quiet,
                     resume=args.resume, config=config)
     print(json.dumps({k: summary.get(k) for k in ("steps", "max_rel_residual_discrete",

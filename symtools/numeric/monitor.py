@@ -36,7 +36,7 @@ from torch import Tensor
 
 from symtools.errors import SymtoolsError
 from symtools.nn.groups import GroupSet, SymmetryMap
-from symtools.numeric.groupops import ACC, ViewCache, reduce_terms
+from symtools.numeric.groupops import ACC, CPU_BLOCK, ViewCache, reduce_terms
 
 QUANTITIES = ("measured", "step", "accumulated", "continuous")
 
@@ -60,6 +60,20 @@ def optimizer_kind(optimizer: torch.optim.Optimizer) -> tuple[str | None, str]:
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)  # DistributedDataParallel / DataParallel
+
+
+def _blockwise(fn, out: Tensor, *inputs: Tensor) -> Tensor:
+    """``fn(*inputs, out=out)`` for same-shaped contiguous tensors, on the CPU in blocks of
+    :data:`~symtools.numeric.groupops.CPU_BLOCK` elements (each op on the calling thread, as the reductions)."""
+    if out.device.type != "cpu":
+        return fn(*inputs, out=out)
+    for parts in zip(out.view(-1).split(CPU_BLOCK), *(t.reshape(-1).split(CPU_BLOCK) for t in inputs)):
+        fn(*parts[1:], out=parts[0])
+    return out
+
+
+def _copy(x: Tensor, out: Tensor) -> Tensor:
+    return out.copy_(x)
 
 
 @dataclass
@@ -222,13 +236,14 @@ class Monitor:
             s.pending_cont = {"hyper": hyper, "terms": terms}
         if self.kind in ("momentum", "nesterov") and any(
                 s.law is not None and "U" in s.law.CONTINUOUS_MEASURED for s in self.sites):
-            self._before = {k: p.detach().clone() for k, p in self._params.items()}
+            self._before = {k: _blockwise(_copy, torch.empty_like(p, memory_format=torch.contiguous_format),
+                                          p.detach()) for k, p in self._params.items()}
 
     def after_step(self, ctx) -> None:
         step = ctx.step
         sources = self._sources(ctx.optimizer, with_buffer=self.kind in ("momentum", "nesterov"))
         if self._before:  # the displacement θ_n − θ_{n−1}, written over the copy of θ_{n−1}
-            sources["d_"] = {k: torch.sub(p.detach(), self._before[k], out=self._before[k])
+            sources["d_"] = {k: _blockwise(torch.sub, self._before[k], p.detach(), self._before[k])
                              for k, p in self._params.items()}
             self._before = {}
         cache = ViewCache(sources)
