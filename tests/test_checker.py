@@ -362,3 +362,31 @@ def test_group_testing_locates_f_failures_with_O_f_log_N_hvps(width, broken):
     assert rescale.hessian["hvps"] <= bound, (rescale.hessian["hvps"], bound)
     assert rescale.hessian["rest_rel_residual"] <= rescale.hessian["tolerance"]
     assert_passes(report, "translation")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the Hessian round-off floor is taken from the gradient's (no calibration HVP)
+
+
+@pytest.mark.parametrize("norm", ["batch", None])
+def test_hessian_floor_matches_the_gradient_floor(norm):
+    """The checker sizes the Hessian tolerance by ‖g − g_perm‖/‖g‖ (the gradient's change when the batch is
+    permuted) instead of measuring ‖Hu − H_perm u‖/‖Hu‖ with an extra graph and HVP. Both are round-off of
+    the same kernels; measured here they agree within a factor 10 (SAFETY = 100 leaves room for that), and
+    neither is zero (the permutation does change the arithmetic)."""
+    model, x, y, _ = net("cnn", widths=(6, 5), norm=norm)
+    perm = torch.roll(torch.arange(x.shape[0]), 1)
+    gen = torch.Generator().manual_seed(0)
+    a, b = SecondOrder(model, x, y), SecondOrder(model, x[perm], y[perm])
+    u = {k: torch.randn(p.shape, generator=gen, dtype=p.dtype) for k, p in a.params.items()}
+
+    def rel(p, q):
+        num = math.sqrt(sum(float((p[k] - q[k]).pow(2).sum()) for k in p))
+        return num / math.sqrt(sum(float(q[k].pow(2).sum()) for k in q))
+
+    floor_g, floor_h = rel(b.grad, a.grad), rel(b.hvp(u), a.hvp(u))
+    assert 0 < floor_g < 1e-13 and 0 < floor_h < 1e-13
+    assert floor_h <= 10 * floor_g, (floor_h, floor_g)
+    report = check(model, x, y, find_symmetries(model, x[:1]))
+    assert report.hvps["calibration"] == 0 and report.hvps["reference"] == 1
+    assert 0 < report.tolerance["hessian_roundoff_floor"] < 1e-13 and report.passed

@@ -117,10 +117,24 @@ def render_table(out: dict) -> str:
         if f.get("epsilon"):
             lines.append(f"{'':<12}BatchNorm ε breaks ⟨g,θ⟩ by up to {f['epsilon']['max_rel_breaking']:.1e} "
                          f"(relative); predicted exactly and removed")
+        if not f["gradient"]["pass"]:
+            bad = [lr for lr in f["layers"] if lr["failing"]]
+            lines.append(f"{'':<12}gradient identity fails for {f['gradient']['failing_groups']} groups in "
+                         f"{len(bad)} layers:")
+            for lr in bad[:8]:
+                shown = ", ".join(f"#{j}" for j in lr["failing"][:6])
+                lines.append(f"{'':<14}{lr['layer']}: max rel {lr['gradient_max_rel']:.1e} > tol "
+                             f"{lr['gradient_tolerance']:.1e} ({shown}{', …' if len(lr['failing']) > 6 else ''})")
+            if len(bad) > 8:
+                lines.append(f"{'':<14}… and {len(bad) - 8} more layers (--json lists them all)")
         for item in f["hessian"]["located"][:5]:
             lines.append(f"{'':<12}failing group: {item['layer']} #{item['group']}")
-    lines.append(f"HVPs: {out['hvps']['verification']} for verification (+{out['hvps']['reference']} reference, "
-                 f"+{out['hvps']['calibration']} calibration) instead of {out['hvps']['per_group_naive']} one per group")
+        if len(f["hessian"]["located"]) > 5:
+            lines.append(f"{'':<12}… {len(f['hessian']['located']) - 5} more located (--json lists them all)")
+    h = out["hvps"]
+    lines.append(f"HVPs: {h['verification'] + h['reference'] + h['calibration']} in all: {h['verification']} for "
+                 f"verification + {h['reference']} reference (size of H); instead of {h['per_group_naive']} one per "
+                 f"group. Round-off floor from a permuted-batch gradient (no HVP)")
     for b in out.get("blocked", []):
         lines.append(f"note: {b['reason']} ({b['node']})")
     lines.append(("PASS" if out["pass"] else "FAIL") + f" in {out['seconds']:.1f} s")

@@ -18,9 +18,13 @@ For each family (translation, scale, rescale, …) with generated code ``M`` and
   decay, MSE on logits), those are listed per layer from the gradient check and only the remaining groups are
   tested (one HVP, bisected only if they fail too).
 
-Tolerances come from the dtype and a measured round-off floor: the same quantities recomputed on the batch
-in permuted order (the loss is invariant to the order of samples, so any difference is round-off). The
-tolerance is ``SAFETY × max(floor, ε_mach)``.
+Tolerances come from the dtype and a measured round-off floor: the gradient recomputed on the batch in
+permuted order (the loss is invariant to the order of samples, so any difference is round-off, amplified
+where the computation is ill-conditioned). The tolerance is ``SAFETY × max(floor, ε_mach)``: the largest
+change of a group's residual (over all groups) for the gradient identities, the whole gradient vector's change for the Hessian
+identities. The
+calibration is first order (no HVP), so a model with three families costs 4 HVPs in all: the reference
+‖H u‖ and one per family.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ class LayerResult:
     hessian_rel: float
     epsilon_max_rel: float | None = None
     failing: list[int] = field(default_factory=list)
+    gradient_tolerance: float = float("nan")
 
 
 @dataclass
@@ -171,52 +176,62 @@ def check(model: nn.Module, inputs: Tensor, targets: Tensor, symmetries: Symmetr
             fam_objs[name].eps_of = [None if info is None or info[0] in batch_norms else info
                                      for info in fam_objs[name].eps_of]
 
-    # Round-off floor: the same batch in another order. Its graph is built, used and released before the
-    # main one, so that only one second-order graph is alive at a time (the checker's peak memory); of its
-    # gradient only the per-group residuals are kept.
-    say("round-off floor (permuted batch)")
+    # Round-off floor: the same batch in another order, first order only (no graph kept, no HVP). Of its
+    # gradient only the per-group residuals and the gradient itself (for the vector-level floor) are kept.
+    say("round-off floor (permuted batch, gradient only)")
     perm = torch.randperm(inputs.shape[0], generator=gen).to(inputs.device)
     if inputs.shape[0] > 1 and bool((perm.cpu() == torch.arange(inputs.shape[0])).all()):
         perm = torch.roll(perm, 1)
-    so_perm = SecondOrder(model, inputs[perm], targets[perm], loss=loss, bn=bn, weight_decay=weight_decay)
+    so_perm = SecondOrder(model, inputs[perm], targets[perm], loss=loss, bn=bn, weight_decay=weight_decay,
+                          create_graph=False)
     params = {k: p.detach() for k, p in so_perm.params.items()}
     grads_perm = so_perm.grad
+    del so_perm
     r_perm = [groupops.gradient_terms(fam.module, gs, params, grads_perm)[0]
               for fam in fam_objs.values() for gs in fam.sets]
-    del grads_perm
-    u = {k: torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device) for k, p in params.items()}
-    un = _norm(u)
-    u = {k: v / un for k, v in u.items()}
-    hu_perm = so_perm.hvp(u)
-    del so_perm
 
     say("gradient and first-order graph")
     so = SecondOrder(model, inputs, targets, loss=loss, bn=bn, weight_decay=weight_decay)
     params = {k: p.detach() for k, p in so.params.items()}
     grads = so.grad
     eps_grads = so.grad_eps
+    # Hessian floor: the relative change of the whole gradient vector under the permutation. An HVP is the
+    # gradient of ⟨g, v⟩, computed by the same kernels one order up; measured on VGG-16-BN (docs/checker.md)
+    # the permuted-batch change of H u is the same size as that of g (float32: 1.1e-3 vs 1.5e-3).
+    g_norm = _norm(grads)
+    floor_h = math.sqrt(sum(float((grads[k] - grads_perm.pop(k)).to(torch.float64).pow(2).sum())
+                            for k in list(grads_perm))) / max(g_norm, 1e-300)
+    del grads_perm
+    say("reference HVP (size of H)")
+    u = {k: torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device) for k, p in params.items()}
+    un = _norm(u)
+    u = {k: v / un for k, v in u.items()}
     hu = so.hvp(u)
     del u
     hu_norm = _norm(hu)
-    floor_h = math.sqrt(sum(float((hu[k] - hu_perm.pop(k)).to(torch.float64).pow(2).sum()) for k in list(hu)))
-    floor_h /= max(hu_norm, 1e-300)
-    del hu, hu_perm
+    del hu
 
-    g_rms = _norm(grads) / math.sqrt(max(1, sum(g.numel() for g in grads.values())))
-    # gradient floor over all families: per-group residual change under permutation, relative to its scale
-    floors_g = []
+    g_rms = g_norm / math.sqrt(max(1, sum(g.numel() for g in grads.values())))
+    # gradient floor: the largest change of a group's relative residual under the permutation, over all
+    # groups of all families. Per-layer and per-family floors were tried and are unsafe (the CLI test on
+    # VGG-11-BN fails with either): a group's round-off has a part common to both orders (e.g. a bias feeding
+    # BatchNorm, whose gradient is pure round-off), so within a layer or a family the change under permutation
+    # can be below the residual itself; over all groups the largest change bounds every residual with margin
+    # (300 random networks in tests/test_checker.py).
+    floor_g = 0.0
     sets = [(fam, gs) for fam in fam_objs.values() for gs in fam.sets]
     for (fam, gs), rp in zip(sets, r_perm):
         r, s = groupops.gradient_terms(fam.module, gs, params, grads, g_rms)
-        floors_g.append(float(((r - rp).abs() / s.clamp_min(1e-300)).max()))
-    floor_g = max(floors_g, default=0.0)
+        if gs.count:
+            floor_g = max(floor_g, float(((r - rp).abs() / s.clamp_min(1e-300)).max()))
     tol_g = SAFETY * max(floor_g, machine_eps)
+    tol_sets = {id(gs): tol_g for _, gs in sets}
     tol_h = SAFETY * max(floor_h, machine_eps)
 
     for name, fam in fam_objs.items():
         say(f"{name}: {fam.count} groups")
-        families[name] = _check_family(fam, so, params, grads, eps_grads, hu_norm, tol_g, tol_h, gen, locate, dtype,
-                                       g_rms)
+        families[name] = _check_family(fam, so, params, grads, eps_grads, hu_norm, tol_sets, tol_h, gen, locate,
+                                       dtype, g_rms)
 
     report = CheckReport(
         passed=all(f.passed for f in families.values()),
@@ -230,23 +245,28 @@ def check(model: nn.Module, inputs: Tensor, targets: Tensor, symmetries: Symmetr
             "gradient": tol_g,
             "hessian": tol_h,
             "how": "tolerance = safety × max(measured round-off floor, machine epsilon); the floor is the "
-                   "relative change of the same quantity when the batch is evaluated in permuted order",
+                   "relative change of the same quantity when the batch is evaluated in permuted order: the "
+                   "largest over all groups for the gradient identities, and that of the whole gradient "
+                   "vector for the Hessian identities (an HVP is the gradient of ⟨g, v⟩)",
         },
         settings={"loss": loss_name, "bn": bn,
                   "weight_decay": weight_decay, "batch": int(inputs.shape[0]), "seed": seed},
         hvps={"verification": sum(f.hessian["hvps"] for f in families.values()),
-              "reference": 1, "calibration": 1, "per_group_naive": sum(f.groups for f in families.values())},
+              "reference": 1, "calibration": 0, "per_group_naive": sum(f.groups for f in families.values())},
         loss=float(so.loss),
     )
     return report
 
 
-def _check_family(fam: _Family, so, params, grads, eps_grads, hu_norm, tol_g, tol_h, gen, locate, dtype, g_rms):
+def _check_family(fam: _Family, so, params, grads, eps_grads, hu_norm, tol_sets, tol_h, gen, locate, dtype, g_rms):
     device = next(iter(params.values())).device
     layers: list[LayerResult] = []
     worst_g, worst_raw_eps, n_failing_g = 0.0, None, 0
     grad_failing: list[tuple[int, int]] = []  # (set, index) of every group failing the gradient identity
+    tol_g = max((tol_sets[id(gs)] for gs in fam.sets), default=0.0)
+    all_pass_g = True
     for gs, eps_info in zip(fam.sets, fam.eps_of):
+        tol_layer = tol_sets[id(gs)]
         r, s = groupops.gradient_terms(fam.module, gs, params, grads, g_rms)
         eps_rel = None
         if eps_info is not None:
@@ -259,10 +279,12 @@ def _check_family(fam: _Family, so, params, grads, eps_grads, hu_norm, tol_g, to
         rel = torch.where(s > 0, rel, torch.zeros_like(rel))
         gmax = float(rel.max()) if rel.numel() else 0.0
         worst_g = max(worst_g, gmax)
-        failing = torch.nonzero(rel > tol_g).flatten().tolist()
+        failing = torch.nonzero(rel > tol_layer).flatten().tolist()
+        all_pass_g &= not failing
         n_failing_g += len(failing)
         grad_failing += [(len(layers), j) for j in failing]
-        layers.append(LayerResult(gs.layer, fam.name, gs.count, gmax, float("nan"), eps_rel, failing[:MAX_LOCATED]))
+        layers.append(LayerResult(gs.layer, fam.name, gs.count, gmax, float("nan"), eps_rel, failing[:MAX_LOCATED],
+                                  tol_layer))
 
     weights = [(torch.randint(0, 2, (gs.count,), generator=gen) * 2 - 1).to(torch.float64).to(device)
                for gs in fam.sets]
@@ -316,7 +338,7 @@ def _check_family(fam: _Family, so, params, grads, eps_grads, hu_norm, tol_g, to
                                     "residuals above are after adding this exact term"}
     return FamilyResult(
         family=fam.name, groups=fam.count,
-        gradient={"max_rel_residual": worst_g, "pass": worst_g <= tol_g, "tolerance": tol_g,
+        gradient={"max_rel_residual": worst_g, "pass": all_pass_g, "tolerance": tol_g,
                   "failing_groups": n_failing_g},
         hessian={"rel_residual": h_rel, "hvps": so.hvps - hvps_before, "pass": bool(h_pass), "tolerance": tol_h,
                  "located": [{"layer": fam.sets[i["set"]].layer, "set": i["set"], "group": i["index"]}

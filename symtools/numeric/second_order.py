@@ -29,11 +29,14 @@ class SecondOrder:
     """Gradient and HVPs of ``loss(model_θ(inputs), targets) [+ wd/2·|θ|²]`` at the model's parameters.
 
     ``bn="batch"`` (training math, identities hold) or ``"eval"`` (running statistics; a negative control).
-    The model's parameters, buffers and ``training`` flags are left as they were.
+    The model's parameters, buffers and ``training`` flags are left as they were. ``create_graph=False``
+    computes the gradients only (first order, about the cost of one training gradient); :meth:`hvp` then
+    raises.
     """
 
     def __init__(self, model: nn.Module, inputs: Tensor, targets: Tensor, *, loss="cross_entropy",
-                 bn: str = "batch", weight_decay: float = 0.0, params: Mapping[str, Tensor] | None = None):
+                 bn: str = "batch", weight_decay: float = 0.0, params: Mapping[str, Tensor] | None = None,
+                 create_graph: bool = True):
         self.model = model
         base = dict(model.named_parameters()) if params is None else dict(params)
         self.params = {k: p.detach().requires_grad_(True) for k, p in base.items()}
@@ -59,11 +62,12 @@ class SecondOrder:
         self.loss = value.detach()
         self.outputs = out.detach()
         leaves = list(self.params.values()) + list(self.eps.values())
-        grads = torch.autograd.grad(value, leaves, create_graph=True, allow_unused=True)
+        grads = torch.autograd.grad(value, leaves, create_graph=create_graph, allow_unused=True)
         n = len(self.params)
         self._g = dict(zip(self.params, grads[:n]))
         self._g_eps = dict(zip(self.eps, grads[n:]))
         self.hvps = 0
+        self.create_graph = create_graph
 
     def _make_hook(self, name: str) -> Callable:
         def hook(mod, args, output):
@@ -98,6 +102,8 @@ class SecondOrder:
 
     def hvp(self, vector: Mapping[str, Tensor], eps_weights: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
         """H V + ∂θ⟨∂L/∂ε, w⟩ (all parameters; zeros where nothing depends). One second backward pass."""
+        if not self.create_graph:
+            raise RuntimeError("this SecondOrder was built with create_graph=False: gradients only, no HVPs")
         terms = [(self._g[k] * v).sum() for k, v in vector.items()
                  if self._g.get(k) is not None and self._g[k].requires_grad]
         for k, w in (eps_weights or {}).items():
