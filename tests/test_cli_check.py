@@ -125,3 +125,17 @@ def test_exit_2_one_line_no_traceback(argv, needle):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], err
     assert "Traceback" not in err
+
+
+def test_float32_gradient_tolerance_at_or_above_one_is_reported_as_unresolved():
+    """A relative gradient residual is ≤ 1 by construction: a tolerance ≥ 1 cannot fail, and the table must
+    say the identities are not resolved instead of presenting a PASS as evidence. Negative control: a
+    tolerance below 1 prints no such warning."""
+    out = {"model": "m", "parameters": 1, "settings": {"batch": 2, "bn": "batch", "loss": "cross_entropy"},
+           "tolerance": {"dtype": "float32", "gradient": 5.5, "hessian": 0.8, "safety_factor": 100.0,
+                         "gradient_roundoff_floor": 0.055, "gradient_resolved": False},
+           "families": {}, "hvps": {"verification": 0, "reference": 1, "calibration": 0, "per_group_naive": 0},
+           "pass": True, "seconds": 1.0}
+    assert "does not resolve the gradient identities" in render_table(out)
+    out["tolerance"].update(gradient=1e-3, gradient_roundoff_floor=1e-5, gradient_resolved=True)
+    assert "does not resolve" not in render_table(out)

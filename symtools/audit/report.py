@@ -79,6 +79,10 @@ def render_table(report: dict, max_rows: int | None = None) -> str:
     if ident:
         t = ident["tolerance"]
         lines.append(f"identities ({t['dtype']}; tolerance gradient {t['gradient']:.1e}, Hessian {t['hessian']:.1e}):")
+        if not t.get("gradient_resolved", True):
+            lines.append(f"  warning: {t['dtype']} round-off (floor {t['gradient_roundoff_floor']:.1e}) puts the gradient "
+                         f"tolerance at ≥ 1, where no residual can fail: the gradient identities are not resolved; "
+                         f"audit with --dtype float64 for a verdict")
         for fam, f in ident["families"].items():
             lines.append(f"  {fam:<12}{f['groups']:>7} groups  grad max rel {f['gradient']['max_rel_residual']:.2e}"
                          f"  Hess rel {f['hessian']['rel_residual']:.2e}  {'PASS' if f['pass'] else 'FAIL'}")

@@ -110,6 +110,10 @@ def render_table(out: dict) -> str:
              f"tolerance: gradient {t['gradient']:.1e}, Hessian {t['hessian']:.1e} "
              f"(= {t['safety_factor']:g} × measured round-off floor or machine ε)",
              f"{'family':<12}{'groups':>8}{'grad max rel':>15}{'Hess rel':>12}{'HVPs':>6}  result"]
+    if not t.get("gradient_resolved", True):
+        lines.insert(2, f"warning: the round-off floor ({t['gradient_roundoff_floor']:.1e}) puts the gradient tolerance "
+                        f"at ≥ 1, where no relative residual can fail: {t['dtype']} does not resolve the gradient "
+                        f"identities of this model and batch; use --dtype float64")
     for name, f in out["families"].items():
         lines.append(f"{name:<12}{f['groups']:>8}{f['gradient']['max_rel_residual']:>15.2e}"
                      f"{f['hessian']['rel_residual']:>12.2e}{f['hessian']['hvps']:>6}  "
