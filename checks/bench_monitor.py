@@ -16,9 +16,10 @@ change of the machine's load between steps cancels) and as the ratio of the tota
 Memory (bytes, counted from the tensors themselves):
   * monitor, kept between steps: every per-group float64 tensor the monitor holds (accumulated and continuous
     states, the pending prediction and its terms, the measured charge reused by the next step);
-  * monitor, per step while its hooks run: the copy of the weights taken before a momentum step when the
-    continuous theory needs the displacement Δθ (momentum laws only), and the peak of the temporaries of the
-    hooks (CPU: from ``torch.profiler``'s memory events; CUDA: ``max_memory_allocated``);
+  * monitor, per step while its hooks run: any copy of weights taken before a step for the displacement Δθ
+    of the continuous theory (momentum laws only; normally none: Δθ = −η·b' is rebuilt from the momentum
+    buffer after the step, and only a tensor where that is impossible is copied), and the peak of the
+    temporaries of the hooks (CPU: from ``torch.profiler``'s memory events; CUDA: ``max_memory_allocated``);
   * reference approach (the paper's code, app. J): custom optimizers keep, per parameter, one buffer of the
     parameter's dtype per tracked integral (Riemann sums of the gradient terms of eqs. 19–20). Counted as
     numel × itemsize × k over the parameters the groups touch, with k = the number of continuous-state
@@ -42,7 +43,6 @@ import io
 import os
 import platform
 import pstats
-import re
 import statistics
 import sys
 import tempfile
@@ -277,8 +277,8 @@ def table(results, args) -> str:
               "|---|" + "---:|" * len(results)]
     rows = [
         ("monitor: per-group float64 state kept between steps", lambda r: _mb(r["kept"])),
-        ("monitor: weight copy held during a step (Δθ for the continuous theory)", lambda r: _mb(r["before_copy"])),
-        ("monitor: peak allocated inside before_step/after_step (includes that copy)", lambda r: _mb(r["peak"])),
+        ("monitor: weight copy held during a step (Δθ fallback; Δθ is read from the buffer)", lambda r: _mb(r["before_copy"])),
+        ("monitor: peak allocated inside before_step/after_step (includes any copy)", lambda r: _mb(r["peak"])),
         ("reference: per-parameter integral buffer, one integral", lambda r: _mb(r["ref_per_integral"])),
         ("reference: integrals per parameter (continuous state of the law)", lambda r: str(r["ref_k"])),
         ("reference: total", lambda r: _mb(r["ref_per_integral"] * r["ref_k"])),
@@ -295,6 +295,8 @@ def table(results, args) -> str:
 
 
 def section(results, args, info, load_end) -> str:
+    from symtools.numeric.groupops import CPU_BLOCK
+
     desc = ", ".join(f"{k} {v}" for k, v in info.items())
     r0 = results[0]
     return (f"## {SECTION}\n\n"
@@ -306,7 +308,10 @@ def section(results, args, info, load_end) -> str:
             f"monitor (`before_step` + `after_step`) are timed separately, and the overhead is their ratio in "
             f"that step (median over the steps; the ratio of the totals beside it). The monitor's state is "
             f"per group (float64); the reference approach keeps one buffer per parameter (its dtype) per "
-            f"tracked integral.\n\n"
+            f"tracked integral. On the CPU the monitor reduces its densities a block of "
+            f"{CPU_BLOCK:,} elements at a time on the calling thread (`symtools.numeric.groupops.CPU_BLOCK`): "
+            f"temporaries stay in the cache and no op forks OpenMP threads, whose fork/join costs milliseconds "
+            f"per op when the cores are shared, as here (torch threads and load below).\n\n"
             f"Machine: {desc}; load at the end {load_end}.\n\n{table(results, args)}\n")
 
 

@@ -164,6 +164,9 @@ class _DiscardedStream:
     def append(self, row_or_rows: Any) -> int:
         return 0
 
+    def rows(self) -> int:
+        return 0
+
     def flush(self, fsync: bool = True) -> None:
         pass
 

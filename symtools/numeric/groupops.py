@@ -85,12 +85,58 @@ def evaluate(module: ModuleType, kind: str, gs: GroupSet, params, grads=None):
             yield slot, ts, table[slot](*_arguments(module, kind, gs, slot, i, params, grads))
 
 
+class Combination:
+    """A tensor given as ``Σ_k c_k·t_k`` (same-shaped tensors, scalar coefficients), never formed whole by
+    :func:`reduce_terms`: each block of rows it reads is combined on the fly, so no full-size temporary is
+    made. The monitor passes a step's displacement θ_n − θ_{n−1} this way, rebuilt from the optimizer's
+    state after the step (e.g. −η·b' for SGD with momentum) instead of a copy of the weights.
+    :meth:`materialize` forms it whole (one tensor; used only where a coupled action needs its view)."""
+
+    def __init__(self, like: Tensor, terms: Iterable[tuple[float, Tensor]] = ()):
+        self.shape, self.dtype, self.device = like.shape, like.dtype, like.device
+        self.terms = [(float(c), t) for c, t in terms if float(c) != 0.0]
+
+    def blocks(self, rows: int, width: int, step: int) -> "_CombinedBlocks":
+        """The ``(rows, width)`` matrix in blocks of ``step`` rows, each combined when indexed."""
+        return _CombinedBlocks(self, [(c, t.reshape(rows, width).split(step)) for c, t in self.terms],
+                               rows, width, step)
+
+    def materialize(self) -> Tensor:
+        out = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+        for c, t in self.terms:
+            out.add_(t, alpha=c)
+        return out
+
+
+class _CombinedBlocks:
+    def __init__(self, comb: Combination, parts, rows: int, width: int, step: int):
+        self.comb, self.parts, self.rows, self.width, self.step = comb, parts, rows, width, step
+
+    def __getitem__(self, b: int) -> Tensor:
+        if not self.parts:
+            n = min(self.step, self.rows - b * self.step)
+            return torch.zeros((n, self.width), dtype=self.comb.dtype, device=self.comb.device)
+        (c, first), rest = self.parts[0], self.parts[1:]
+        out = torch.mul(first[b], c)
+        for c, blocks in rest:
+            out.add_(blocks[b], alpha=c)
+        return out
+
+
+def _row_blocks(src, rows: int, width: int, step: int):
+    """``src`` (a tensor or a :class:`Combination`) as a ``(rows, width)`` matrix in blocks of ``step`` rows."""
+    if isinstance(src, Combination):
+        return src.blocks(rows, width, step)
+    return src.reshape(rows, width).split(step)
+
+
 class ViewCache:
     """``(count, rest)`` views of the tensors of one moment (θ, g, buffers …), each made once.
 
     Many group sets share tensors (a conv weight is ``x_out`` of one rescale site, ``x_in`` of the next and
     ``x`` of a scale group), so the monitor evaluates all its densities through one cache per step.
-    ``sources`` maps an argument prefix (``""`` values, ``"g_"`` gradients, ``"b_"`` buffers …) to tensors.
+    ``sources`` maps an argument prefix (``""`` values, ``"g_"`` gradients, ``"b_"`` buffers …) to tensors
+    (or :class:`Combination` objects).
     Views keep the tensors' dtype when it is float32 or float64 (half precisions are widened to float32):
     densities are evaluated elementwise in that dtype and summed in float64 (see :func:`reduce_density`).
     """
@@ -110,7 +156,10 @@ class ViewCache:
         key = (prefix, ts.param, ts.axis, ts.shape)
         view = self._views.get(key)
         if view is None:
-            view = _widen(group_view(self.source(prefix, ts), ts))
+            source = self.source(prefix, ts)
+            if isinstance(source, Combination):
+                source = source.materialize()
+            view = _widen(group_view(source, ts))
             self._views[key] = view
         return view
 
@@ -168,8 +217,7 @@ def reduce_terms(terms: Mapping[str, tuple[Mapping[str, object], Mapping[str, tu
     to move a group axis first): a tensor is ``pre`` blocks of ``count`` groups of ``post`` elements
     (:func:`_layout`); with ``pre = 1`` each row of the ``(count, post)`` matrix is one group's, otherwise
     the column sums of the ``(pre, count·post)`` matrix are folded to groups at the end. All terms of a
-    tensor are evaluated together, a block of rows at a time (:data:`CPU_BLOCK`), each block's sums written
-    to their own output rows (one op per term and block). A function pairing
+    tensor are evaluated together, a block of rows at a time (:data:`CPU_BLOCK`). A function pairing
     tensors of different layouts (a coupled action) is evaluated on :meth:`ViewCache.get`'s views instead.
     """
     sized = set(sized)
@@ -191,25 +239,28 @@ def reduce_terms(terms: Mapping[str, tuple[Mapping[str, object], Mapping[str, tu
                         sizes[name] += val.abs().sum(dim=1, dtype=ACC)
                 continue
             pre, count, post = layouts.pop()
-            # pre = 1: (count, post), one row per group, summed along rows; otherwise (pre, count·post),
-            # summed along columns, one output row per block, folded to groups at the end
-            rows, width, dim = (count, post, 1) if pre == 1 else (pre, count * post, 0)
+            # pre = 1: (count, post), one row per group, each block's row sums written to its groups;
+            # otherwise (pre, count·post): column sums accumulated over the blocks, folded to groups at the end
+            rows, width = (count, post) if pre == 1 else (pre, count * post)
             step = _block_rows(rows, width, device)
-            blocks = -(-rows // step)
-            parts = {n: cache.source(prefix, ts).reshape(rows, width).split(step) for n, (prefix, ts) in slices.items()}
-            out = {(name, kind): torch.empty((count,) if pre == 1 else (blocks, width), dtype=ACC, device=device)
+            parts = {n: _row_blocks(cache.source(prefix, ts), rows, width, step) for n, (prefix, ts) in slices.items()}
+            acc = {(name, kind): torch.zeros(count if pre == 1 else width, dtype=ACC, device=device)
                    for name, _, _ in calls for kind in ("sum", "abs") if kind == "sum" or name in sizes}
-            out_rows = {key: buf.split(step) if pre == 1 else buf for key, buf in out.items()}
-            for b in range(blocks):
+            acc_rows = {key: buf.split(step) for key, buf in acc.items()} if pre == 1 else {}
+            for b in range(-(-rows // step)):
                 views = {n: _widen(p[b]) for n, p in parts.items()}
                 for name, fn, names in calls:
                     val = fn(*[views[n] for n in names])
-                    torch.sum(val, dim=dim, dtype=ACC, out=out_rows[name, "sum"][b])
-                    if (name, "abs") in out_rows:
-                        torch.sum(val.abs(), dim=dim, dtype=ACC, out=out_rows[name, "abs"][b])
-            for (name, kind), buf in out.items():
-                per_group = buf if pre == 1 else buf.sum(dim=0).view(count, post).sum(dim=1)
-                (totals if kind == "sum" else sizes)[name] += per_group
+                    for kind in ("sum", "abs"):
+                        if (name, kind) not in acc:
+                            continue
+                        x = val if kind == "sum" else val.abs()
+                        if pre == 1:
+                            torch.sum(x, dim=1, dtype=ACC, out=acc_rows[name, kind][b])
+                        else:
+                            acc[name, kind] += x.sum(dim=0, dtype=ACC)
+            for (name, kind), buf in acc.items():
+                (totals if kind == "sum" else sizes)[name] += buf if pre == 1 else buf.view(count, post).sum(dim=1)
     return totals, sizes
 
 

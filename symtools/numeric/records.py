@@ -148,6 +148,12 @@ class RecordStream:
         self._fh.write(np.ascontiguousarray(arr).tobytes())
         return arr.shape[0]
 
+    def rows(self) -> int:
+        """Complete rows in the stream's file, those appended and not yet flushed included."""
+        if self._fh is not None:
+            self._fh.flush()
+        return (self.path.stat().st_size if self.path.exists() else 0) // (self.width * _ITEM)
+
     def flush(self, fsync: bool = True) -> None:
         if self._fh is not None:
             self._fh.flush()
