@@ -309,9 +309,8 @@ def section(results, args, info, load_end) -> str:
             f"that step (median over the steps; the ratio of the totals beside it). The monitor's state is "
             f"per group (float64); the reference approach keeps one buffer per parameter (its dtype) per "
             f"tracked integral. On the CPU the monitor reduces its densities a block of "
-            f"{CPU_BLOCK:,} elements at a time on the calling thread (`symtools.numeric.groupops.CPU_BLOCK`): "
-            f"temporaries stay in the cache and no op forks OpenMP threads, whose fork/join costs milliseconds "
-            f"per op when the cores are shared, as here (torch threads and load below).\n\n"
+            f"{CPU_BLOCK:,} elements at a time (`symtools.numeric.groupops.CPU_BLOCK`): temporaries stay in "
+            f"the cache, and blocks are large enough that per-op overhead does not dominate.\n\n"
             f"Machine: {desc}; load at the end {load_end}.\n\n{table(results, args)}\n")
 
 

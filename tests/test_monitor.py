@@ -81,6 +81,25 @@ def test_exact_laws_float64(tmp_path, name):
         assert continuous > 1e-9
 
 
+@pytest.mark.parametrize("name", ["sgd", "momentum"])
+def test_blockwise_reductions_give_the_same_records(tmp_path, monkeypatch, name):
+    """The monitor reduces its densities a block of ``CPU_BLOCK`` elements at a time; the test models fit in
+    one block at the default, so here the block is 37 elements (rows split across blocks, several blocks per
+    tensor, both layouts): the records must equal those of whole-tensor reductions to round-off (float64)."""
+    from symtools.numeric import groupops
+
+    _run(tmp_path, OPTIMIZERS[name], name="whole")
+    monkeypatch.setattr(groupops, "CPU_BLOCK", 37)
+    _, summary, _ = _run(tmp_path, OPTIMIZERS[name], name="blocks")
+    assert summary["max_rel_residual_discrete"] < 1e-12
+    cols, whole = read_stream(tmp_path / "whole" / "records", "laws")
+    cols_b, blocks = read_stream(tmp_path / "blocks" / "records", "laws")
+    assert cols == cols_b and whole.shape == blocks.shape
+    keep = [i for i, c in enumerate(cols) if c.endswith(("|measured", "|step", "|accumulated", "|continuous"))]
+    a, b = whole[:, keep], blocks[:, keep]
+    assert np.allclose(a, b, rtol=1e-12, atol=1e-12 * np.nanmax(np.abs(a)), equal_nan=True)
+
+
 def test_exact_laws_float32(tmp_path):
     _, summary, _ = _run(tmp_path, OPTIMIZERS["momentum"], dtype=torch.float32)
     assert summary["max_rel_residual_discrete"] < 1e-6

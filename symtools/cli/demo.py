@@ -31,9 +31,9 @@ DEMO_SPECS = {
 def add_arguments(p) -> None:
     p.add_argument("--out", default="out/demo", help="folder for everything the demo writes (default: out/demo)")
     p.add_argument("--model", default="vgg16_bn", help="model to train (default vgg16_bn)")
-    p.add_argument("--steps", type=int, default=100, help="training steps (default 100)")
+    p.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
     p.add_argument("--batch", type=int, default=16, help="training batch size (default 16)")
-    p.add_argument("--check-every", type=int, default=50, help="identity checks every K steps (default 50)")
+    p.add_argument("--check-every", type=int, default=100, help="identity checks every K steps (default 100)")
     p.add_argument("--audit-batch", type=int, default=8, help="batch of the audit's identity checks (default 8)")
     p.add_argument("--derive-only", action="store_true", help="stop after the derivations")
 

@@ -75,8 +75,8 @@ def gradient(f: Loss, params: Params) -> dict[str, Tensor]:
 def grad_and_hvp(f: Loss, params: Params, vectors: Vectors) -> tuple[dict[str, Tensor], dict[str, Tensor] | list[dict[str, Tensor]]]:
     """(g, H v) at θ = ``params`` by double backward; one forward and one first-order backward in all.
 
-    g = ∂f/∂θ is computed with ``create_graph=True``; then for each v, H v = ∂/∂θ ⟨g(θ), v⟩ (the sum over
-    all parameters of ``(g * v).sum()``; v constant), retaining the first-order graph between vectors.
+    g = ∂f/∂θ is computed with ``create_graph=True``; then for each v, H v = ∂/∂θ ⟨g(θ), v⟩ (v constant),
+    computed as the vector-Jacobian product of g with v, retaining the first-order graph between vectors.
     ``vectors`` is one dict (returns one dict) or a sequence of dicts (returns a list). Missing names in a
     vector count as zero. All results are detached.
     """
@@ -89,13 +89,14 @@ def grad_and_hvp(f: Loss, params: Params, vectors: Vectors) -> tuple[dict[str, T
         # Gradients that do not depend on θ (None, or constant) contribute nothing to H v.
         live = [(k, gk) for k, gk in zip(leaves, grads) if gk is not None and gk.requires_grad]
         for i, v in enumerate(vlist):
-            terms = [(gk * v[k]).sum() for k, gk in live if k in v]
-            if not terms:
+            pairs = [(gk, v[k]) for k, gk in live if k in v]
+            if not pairs:
                 out.append({k: torch.zeros_like(p) for k, p in leaves.items()})
                 continue
-            inner = torch.stack(terms).sum()
-            hv = torch.autograd.grad(inner, list(leaves.values()), retain_graph=i < len(vlist) - 1,
-                                     allow_unused=True)
+            # ∂⟨g, v⟩/∂θ as a vector-Jacobian product of g with v (no elementwise g·v and its backward)
+            hv = torch.autograd.grad([gk for gk, _ in pairs], list(leaves.values()),
+                                     grad_outputs=[vk.to(gk.dtype) for gk, vk in pairs],
+                                     retain_graph=i < len(vlist) - 1, allow_unused=True)
             out.append(_zeros_if_none(hv, leaves))
     g = {k: (torch.zeros_like(p) if gk is None else gk.detach()) for (k, p), gk in zip(leaves.items(), grads)}
     return g, (out[0] if single else out)

@@ -104,16 +104,18 @@ class SecondOrder:
         """H V + ∂θ⟨∂L/∂ε, w⟩ (all parameters; zeros where nothing depends). One second backward pass."""
         if not self.create_graph:
             raise RuntimeError("this SecondOrder was built with create_graph=False: gradients only, no HVPs")
-        terms = [(self._g[k] * v).sum() for k, v in vector.items()
+        pairs = [(self._g[k], v) for k, v in vector.items()
                  if self._g.get(k) is not None and self._g[k].requires_grad]
         for k, w in (eps_weights or {}).items():
             g = self._g_eps.get(k)
             if g is not None and g.requires_grad:
-                terms.append((g * w).sum())
+                pairs.append((g, w))
         self.hvps += 1
-        if not terms:
+        if not pairs:
             return {k: torch.zeros_like(p) for k, p in self.params.items()}
-        out = torch.autograd.grad(torch.stack(terms).sum(), list(self.params.values()), retain_graph=True,
+        # ∂/∂θ Σ⟨g, v⟩ as one vector-Jacobian product of the gradients with the vectors (no elementwise g·v)
+        out = torch.autograd.grad([g for g, _ in pairs], list(self.params.values()),
+                                  grad_outputs=[v.to(g.dtype).expand_as(g) for g, v in pairs], retain_graph=True,
                                   allow_unused=True)
         return {k: (torch.zeros_like(p) if o is None else o) for (k, p), o in zip(self.params.items(), out)}
 
