@@ -27,9 +27,10 @@ def run(name: str, out: Path, args: list[str]) -> dict:
     run_dir = out / name
     t0 = time.perf_counter()
     code = cli(["train", "--data", "digits", "--input", "32", "--out", str(run_dir), "--quiet", *args])
-    assert code == 0, f"train {name} failed"
-    cli(["plot", str(run_dir)])
     summary = json.loads((run_dir / "summary.json").read_text())
+    # a run stopped by non-finite weights keeps its records (issue #5's bad-input rule): plot and report it
+    assert code == 0 or summary.get("status") == "failed", f"train {name} failed without a summary"
+    cli(["plot", str(run_dir)])
     summary["wall_s"] = time.perf_counter() - t0
     return summary
 
@@ -65,7 +66,8 @@ def main() -> None:
         opt = f"SGD η={c.get('lr')} λ={c.get('wd')}" + (f" β={c.get('momentum')}" if c.get("momentum") else "")
         disc = s["max_rel_residual_discrete"]
         ok = "yes" if disc is not None and disc <= 1e-6 else "**no**"
-        lines.append(f"| {name} | {c['model']} | {opt} | {s['steps']} | {fmt(disc)} | {ok} | "
+        steps = s["steps"] if s.get("status") != "failed" else f"{s['steps']} (stopped: {s.get('error')})"
+        lines.append(f"| {name} | {c['model']} | {opt} | {steps} | {fmt(disc)} | {ok} | "
                      f"{fmt(s['max_rel_residual_accumulated'])} | {fmt(s['max_rel_residual_continuous'])} "
                      f"({s.get('continuous_excluded_groups', '—')}) | {s.get('final_loss', float('nan')):.3f} | "
                      f"{s['wall_s']:.0f} |")

@@ -292,7 +292,8 @@ def test_continuous_residual_leaves_out_round_off_groups_and_says_how_many(tmp_p
     fam = summary["families"]["translation"]
     assert fam["continuous_excluded_groups"] == 4 + 6  # the two conv layers' biases
     assert fam["max_rel_residual_continuous"] < 1e-2
-    assert summary["continuous_excluded_groups"] == 10 and "largest scale" in summary["continuous_exclusion_rule"]
+    rule = summary["continuous_exclusion_rule"]
+    assert summary["continuous_excluded_groups"] == 10 and "largest scale" in rule and "single parameter" in rule
     assert summary["families"]["scale"]["continuous_excluded_groups"] == 0
     assert mon.status()["cont. excluded"] == 10
     cols, laws = read_stream(tmp_path / "a" / "records", "laws")
@@ -301,13 +302,19 @@ def test_continuous_residual_leaves_out_round_off_groups_and_says_how_many(tmp_p
     assert (counts["conv0 → norm0"] == 4).all() and (counts["conv1 → norm1"] == 6).all()
     # without the rule those round-off groups dominate: residual ≈ 0.5 whatever the theory's quality
     monkeypatch.setattr("symtools.numeric.monitor.CONTINUOUS_EXCLUDE_REL", 0.0)
+    monkeypatch.setattr("symtools.numeric.monitor.EXCLUDE_SINGLE_ELEMENT", False)
     _, raw, _ = _run(tmp_path, OPTIMIZERS["momentum"], model=_zero_bn_biases(_model()), name="b")
     assert raw["families"]["translation"]["max_rel_residual_continuous"] > 0.1
     assert raw["families"]["translation"]["continuous_excluded_groups"] == 0
-    # groups with real charges are never left out; an optimizer without a continuous theory reports no count
+    # groups of several elements with real charges are never left out (the 10 single-element biases always
+    # are, whatever their charge); an optimizer without a continuous theory reports no count
     monkeypatch.undo()
     _, plain, _ = _run(tmp_path, OPTIMIZERS["momentum"], name="c")
+    assert plain["continuous_excluded_groups"] == 10
+    monkeypatch.setattr("symtools.numeric.monitor.EXCLUDE_SINGLE_ELEMENT", False)
+    _, plain, _ = _run(tmp_path, OPTIMIZERS["momentum"], name="e")
     assert plain["continuous_excluded_groups"] == 0
+    monkeypatch.undo()
     _, nesterov, _ = _run(tmp_path, OPTIMIZERS["nesterov"], name="d")
     assert nesterov["families"]["translation"]["continuous_excluded_groups"] is None
 

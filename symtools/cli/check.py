@@ -110,10 +110,21 @@ def render_table(out: dict) -> str:
              f"tolerance: gradient {t['gradient']:.1e}, Hessian {t['hessian']:.1e} "
              f"(= {t['safety_factor']:g} × measured round-off floor or machine ε)",
              f"{'family':<12}{'groups':>8}{'grad max rel':>15}{'Hess rel':>12}{'HVPs':>6}  result"]
+    per = t.get("calibration") == "float64"
+    if per:
+        lines[1] = (f"tolerance: gradient ≤ {t['gradient']:.1e} per layer, Hessian ≤ {t['hessian']:.1e} per family "
+                    f"(= {t['safety_factor']:g} × round-off floor measured against float64, or machine ε)")
     if not t.get("gradient_resolved", True):
-        lines.insert(2, f"warning: the round-off floor ({t['gradient_roundoff_floor']:.1e}) puts the gradient tolerance "
-                        f"at ≥ 1, where no relative residual can fail: {t['dtype']} does not resolve the gradient "
-                        f"identities of this model and batch; use --dtype float64")
+        where = t.get("unresolved_layers") or []
+        if per and where:
+            shown = ", ".join(where[:4]) + (f", … ({len(where)} layers)" if len(where) > 4 else "")
+            lines.insert(2, f"warning: {t['dtype']} does not resolve the gradient identities of {shown}: their "
+                            f"round-off puts the tolerance at ≥ 1, where no relative residual can fail (every other "
+                            f"layer is resolved); use --dtype float64 for those")
+        else:
+            lines.insert(2, f"warning: the round-off floor ({t['gradient_roundoff_floor']:.1e}) puts the gradient "
+                            f"tolerance at ≥ 1, where no relative residual can fail: {t['dtype']} does not resolve "
+                            f"the gradient identities of this model and batch; use --dtype float64")
     for name, f in out["families"].items():
         lines.append(f"{name:<12}{f['groups']:>8}{f['gradient']['max_rel_residual']:>15.2e}"
                      f"{f['hessian']['rel_residual']:>12.2e}{f['hessian']['hvps']:>6}  "
@@ -136,9 +147,11 @@ def render_table(out: dict) -> str:
         if len(f["hessian"]["located"]) > 5:
             lines.append(f"{'':<12}… {len(f['hessian']['located']) - 5} more located (--json lists them all)")
     h = out["hvps"]
-    lines.append(f"HVPs: {h['verification'] + h['reference'] + h['calibration']} in all: {h['verification']} for "
-                 f"verification + {h['reference']} reference (size of H); instead of {h['per_group_naive']} one per "
-                 f"group. Round-off floor from a permuted-batch gradient (no HVP)")
+    floor = ("round-off floor from a permuted-batch gradient (no HVP)" if not per else
+             f"+ {h['calibration']} HVPs on {out['settings'].get('calibration_samples', 4)} samples for the "
+             f"round-off floors ({t['dtype']} against float64)")
+    lines.append(f"HVPs: {h['verification'] + h['reference']} on the batch: {h['verification']} for verification + "
+                 f"{h['reference']} reference (size of H), instead of {h['per_group_naive']} one per group; {floor}")
     for b in out.get("blocked", []):
         lines.append(f"note: {b['reason']} ({b['node']})")
     lines.append(("PASS" if out["pass"] else "FAIL") + f" in {out['seconds']:.1f} s")

@@ -34,7 +34,7 @@ def add_arguments(p) -> None:
     p.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
     p.add_argument("--batch", type=int, default=16, help="training batch size (default 16)")
     p.add_argument("--check-every", type=int, default=100, help="identity checks every K steps (default 100)")
-    p.add_argument("--audit-batch", type=int, default=8, help="batch of the audit's identity checks (default 8)")
+    p.add_argument("--audit-batch", type=int, default=32, help="batch of the audit's identity checks (default 32)")
     p.add_argument("--derive-only", action="store_true", help="stop after the derivations")
 
 
