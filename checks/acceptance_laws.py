@@ -82,12 +82,23 @@ def main() -> None:
                      f"{fmt(s['max_rel_residual_accumulated'])} | {fmt(s['max_rel_residual_continuous'])} "
                      f"({s.get('continuous_excluded_groups', '—')}) | {s.get('final_loss', float('nan')):.3f} | "
                      f"{s['wall_s']:.0f} |")
-    lines += ["", "Per family (run `sgd`):", "", "| family | groups | per-step | accumulated | continuous | "
-              "left out of continuous |", "|---|---:|---:|---:|---:|---:|"]
-    for fam, f in results["sgd"]["families"].items():
-        lines.append(f"| {fam} | {f['groups']} | {fmt(f['max_rel_residual_discrete'])} | "
-                     f"{fmt(f['max_rel_residual_accumulated'])} | {fmt(f['max_rel_residual_continuous'])} | "
-                     f"{f.get('continuous_excluded_groups', '—')} |")
+    lines += ["", "Per family:", "", "| run | family | groups | per-step | accumulated | continuous | "
+              "left out of continuous |", "|---|---|---:|---:|---:|---:|---:|"]
+    for name, r in results.items():
+        for fam, f in r["families"].items():
+            lines.append(f"| {name} | {fam} | {f['groups']} | {fmt(f['max_rel_residual_discrete'])} | "
+                         f"{fmt(f['max_rel_residual_accumulated'])} | {fmt(f['max_rel_residual_continuous'])} | "
+                         f"{f.get('continuous_excluded_groups', '—')} |")
+    lines += ["", "The exact per-step laws hold to float32 round-off (~1e-7) for every group in every run. The "
+              "continuous theory is an approximation whose error is reported, not a target: under SGD it stays "
+              "within 5e-5 here; under momentum the translation sums (an undriven oscillator) stay within 5e-3, "
+              "while scale and rescale, whose charges are driven by the gradient every step, drift much further "
+              "from the continuous solution (up to 0.2 at β = 0.9 and 1.0 at β = 0.99). Effective steps η/(1 − β) "
+              "of 1 and 10 are far from the small-step limit the ODE describes; how much of the error is that "
+              "limit and how much the Riemann sums of the driving terms has not been separated yet. The accumulated "
+              "law (the exact recurrence iterated on its own predictions from step 0) drifts by float32 "
+              "rounding of the weights (≤ 3e-4 relative after 200–300 steps; largest for groups whose charge is "
+              "near 0)."]
     lines += ["", "## Momentum: the translation sums", "",
               "For a softmax translation group the gradient has no component along the generator, so its sum "
               "s = Σθ obeys the homogeneous heavy-ball recurrence s_{n+1} = (1 + β − ηλ) s_n − β s_{n−1} exactly. "

@@ -13,7 +13,7 @@ Kaiming init, written once to a temporary file), as ``symtools audit CKPT --batc
     strict ``load_state_dict``, the data batch (bundled digits at 64×64);
   * ``audit_model``: graph walk, charges of every group, the gradient and Hessian identities
     (:func:`symtools.numeric.checker.check`, in float32 — the command's default, calibrated against float64
-    on 4 samples — or float64), loss, comparisons;
+    on the first 2 images — or float64), loss, comparisons;
   * ``report``: the HTML folder with its plots and the JSON file.
 
 Target: < 60 s for all of it (issue 6). The identity check is profiled from the outside (the checker's
@@ -238,7 +238,7 @@ def section(results, args, info, params, imports, profile) -> str:
              f"checkpoint ({params:,} parameters; groups: {fams}) on a batch of {args.batch} bundled digit images at "
              f"{args.input}×{args.input} on {args.device}, HTML report and JSON included, as "
              f"`symtools audit CKPT --batch {args.batch} --report DIR --json FILE` runs it. Variants: the identity "
-             f"checks in float32 (the default `--dtype`, tolerances calibrated against float64 on 4 samples), in float64, and without them but with an init and a "
+             f"checks in float32 (the default `--dtype`, tolerances calibrated against float64 on the first 2 images), in float64, and without them but with an init and a "
              f"10-step SGD hypothesis (every law evaluated). Best of {args.repeats} run(s) per variant. Wall clock, "
              f"with the process CPU time (2 threads) beside it: on this shared machine wall time exceeds CPU "
              f"time when other work runs.", "",
@@ -298,7 +298,7 @@ def analysis(results) -> str:
         ident = rep.get("seconds", {}).get("identities", 0.0)
         idt = rep.get("identities") or {}
         calib = idt.get("tolerance", {}).get("calibration", "permutation")
-        how = ("the batch, and the calibration's 4 samples in float32 and in float64" if calib == "float64"
+        how = ("the batch, and the calibration's 2 images in float32 and in float64" if calib == "float64"
                else "the batch, and its permutation's gradient for the round-off floor")
         parts.append(
             f"{name} ({'the default' if name == 'float32' else '`--dtype float64`'}): the identity checks take "
@@ -315,7 +315,7 @@ def analysis(results) -> str:
                  f"oneDNN kernel on this CPU (`aten::_slow_conv2d_*`, the im2col path). Its {c64:.0f} CPU-s are "
                  f"≥ {c64 / 2:.0f} s of wall time on 2 cores even at perfect use of both threads, so a float64 audit "
                  f"cannot meet {TARGET_S:g} s here; `--device cuda` runs the same code on a GPU. Float32 meets it "
-                 f"with tolerances measured against float64 on 4 samples (docs/checker.md, section 6): the Hessian "
+                 f"with tolerances measured against float64 on its first 2 images (docs/checker.md, section 6): the Hessian "
                  f"identities to ~1e-4 and the gradient identities per layer, except the layers it names as "
                  f"unresolved (conv biases feeding BatchNorm, whose float32 gradient is round-off).")
     return text

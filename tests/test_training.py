@@ -136,7 +136,16 @@ def _assert_same_run(a_dir, a, b_dir, b):
         assert sa[key] == sb[key], key
 
 
-def test_resume_after_ctrl_c_is_bit_identical(tmp_path):
+@pytest.fixture
+def ctrl_c_enabled():
+    """A process started in the background (``cmd &``, nohup) inherits SIGINT ignored, and the trainer rightly
+    leaves an ignored SIGINT alone; the Ctrl-C tests need Python's default handler, whatever started pytest."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_resume_after_ctrl_c_is_bit_identical(tmp_path, ctrl_c_enabled):
     straight = _run(tmp_path / "a", 12)
 
     class CtrlC:

@@ -80,9 +80,10 @@ def render_table(report: dict, max_rows: int | None = None) -> str:
         t = ident["tolerance"]
         lines.append(f"identities ({t['dtype']}; tolerance gradient {t['gradient']:.1e}, Hessian {t['hessian']:.1e}):")
         if not t.get("gradient_resolved", True):
-            lines.append(f"  warning: {t['dtype']} round-off (floor {t['gradient_roundoff_floor']:.1e}) puts the gradient "
-                         f"tolerance at ≥ 1, where no residual can fail: the gradient identities are not resolved; "
-                         f"audit with --dtype float64 for a verdict")
+            where = t.get("unresolved_layers") or ["all layers"]
+            lines.append(f"  warning: {t['dtype']} round-off puts the gradient tolerance at ≥ 1 (where no residual can "
+                         f"fail) for {', '.join(where[:4])}{' …' if len(where) > 4 else ''}: not resolved there; "
+                         f"audit with --dtype float64 for those")
         for fam, f in ident["families"].items():
             lines.append(f"  {fam:<12}{f['groups']:>7} groups  grad max rel {f['gradient']['max_rel_residual']:.2e}"
                          f"  Hess rel {f['hessian']['rel_residual']:.2e}  {'PASS' if f['pass'] else 'FAIL'}")

@@ -148,7 +148,7 @@ def render_table(out: dict) -> str:
             lines.append(f"{'':<12}… {len(f['hessian']['located']) - 5} more located (--json lists them all)")
     h = out["hvps"]
     floor = ("round-off floor from a permuted-batch gradient (no HVP)" if not per else
-             f"+ {h['calibration']} HVPs on {out['settings'].get('calibration_samples', 4)} samples for the "
+             f"+ {h['calibration']} HVPs on {out['settings'].get('calibration_samples') or 4} samples for the "
              f"round-off floors ({t['dtype']} against float64)")
     lines.append(f"HVPs: {h['verification'] + h['reference']} on the batch: {h['verification']} for verification + "
                  f"{h['reference']} reference (size of H), instead of {h['per_group_naive']} one per group; {floor}")

@@ -45,7 +45,8 @@ from symtools.numeric.second_order import SecondOrder
 
 SAFETY = 100.0  # tolerance = SAFETY × measured round-off floor (never below SAFETY × ε_mach)
 MAX_LOCATED = 32  # stop group testing after this many failing groups
-CALIBRATION_SAMPLES = 4  # samples of the float64 reference that calibrates a float32 check
+CALIBRATION_SAMPLES = 4  # samples of the float64 reference that calibrates a float32 check (vector inputs)
+CALIBRATION_IMAGES = 2  # the same for image inputs: BatchNorm's statistics already span N·H·W values
 
 
 @dataclass
@@ -216,7 +217,7 @@ def check(model: nn.Module, inputs: Tensor, targets: Tensor, symmetries: Symmetr
     else:
         # Round-off floors of this precision, measured against float64 on the first few samples
         say(f"round-off floors ({str(dtype).replace('torch.', '')} against float64 on "
-            f"{min(CALIBRATION_SAMPLES, inputs.shape[0])} samples)")
+            f"{_calibration_samples(inputs)} samples)")
         set_floor, fam_floor, calib_hvps = _precision_floors(model, inputs, targets, fam_objs, loss=loss, bn=bn,
                                                              weight_decay=weight_decay, dtype=dtype, gen=gen)
 
@@ -291,8 +292,8 @@ def check(model: nn.Module, inputs: Tensor, targets: Tensor, symmetries: Symmetr
             "how": HOW[calibration],
         },
         settings={"loss": loss_name, "bn": bn, "weight_decay": weight_decay, "batch": int(inputs.shape[0]),
-                  "seed": seed, "calibration_samples": (min(CALIBRATION_SAMPLES, int(inputs.shape[0]))
-                                                        if calibration == "float64" else None)},
+                  "seed": seed, "calibration_samples": (_calibration_samples(inputs) if calibration == "float64"
+                                                        else None)},
         hvps={"verification": sum(f.hessian["hvps"] for f in families.values()),
               "reference": 1, "calibration": calib_hvps, "per_group_naive": sum(f.groups for f in families.values())},
         loss=float(so.loss),
@@ -312,6 +313,13 @@ def _corrected(fam: _Family, gs: GroupSet, eps_info, params, grads, eps_grads, g
     return r, s, raw
 
 
+def _calibration_samples(inputs: Tensor) -> int:
+    """Samples of the float64 calibration: fewer for images of ≥ 8×8 pixels, whose BatchNorm statistics span
+    N·H·W values (and whose float64 HVPs are the calibration's cost: ~4 s per sample on VGG-16-BN, 2 cores)."""
+    images = inputs.dim() > 2 and inputs[0, 0].numel() >= 64
+    return min(CALIBRATION_IMAGES if images else CALIBRATION_SAMPLES, int(inputs.shape[0]))
+
+
 def _precision_floors(model: nn.Module, inputs: Tensor, targets: Tensor, fam_objs: dict, *, loss, bn: str,
                       weight_decay: float, dtype: torch.dtype, gen: torch.Generator):
     """Round-off floors of a low-precision check, measured against float64 on the first samples.
@@ -320,10 +328,11 @@ def _precision_floors(model: nn.Module, inputs: Tensor, targets: Tensor, fam_obj
     R = H V + ∂θ(ε term) + K g for one set of random signs — are computed on the first
     :data:`CALIBRATION_SAMPLES` samples twice: in ``dtype`` and in float64 (a float64 copy of the model). The
     float64 values are exact to ~1e-16, so their difference is the round-off of ``dtype`` in these very
-    quantities; a genuine breaking appears in both and cancels. Returns (per group set: the largest
+    quantities; a genuine breaking appears in both and cancels. (:data:`CALIBRATION_IMAGES` samples for
+    image inputs. One reference HVP, in ``dtype``, sizes H for both.) Returns (per group set: the largest
     |r_dtype − r_64| / s over its groups; per family: ‖R_dtype − R_64‖ / scale; the HVPs used).
     """
-    n = min(CALIBRATION_SAMPLES, inputs.shape[0])
+    n = _calibration_samples(inputs)
     x, y = inputs[:n], targets[:n]
     signs = {name: [(torch.randint(0, 2, (gs.count,), generator=gen) * 2 - 1).to(torch.float64)
                     for gs in fam.sets] for name, fam in fam_objs.items()}
@@ -339,11 +348,12 @@ def _precision_floors(model: nn.Module, inputs: Tensor, targets: Tensor, fam_obj
         g_rms = _norm(grads) / math.sqrt(max(1, sum(g.numel() for g in grads.values())))
         sets = {id(gs): _corrected(fam, gs, info, params, grads, eps_grads, g_rms)[:2]
                 for fam in fam_objs.values() for gs, info in zip(fam.sets, fam.eps_of)}
-        ug = torch.Generator().manual_seed(u_seed)
-        u = {k: torch.randn(p.shape, generator=ug, dtype=p.dtype).to(p.device) for k, p in params.items()}
-        un = _norm(u)
-        hu_norm = _norm(so.hvp({k: v / un for k, v in u.items()}))
-        del u
+        if dt == dtype:  # the size of H, for the scale of the relative floors (the float64 run reuses it)
+            ug = torch.Generator().manual_seed(u_seed)
+            u = {k: torch.randn(p.shape, generator=ug, dtype=p.dtype).to(p.device) for k, p in params.items()}
+            un = _norm(u)
+            hu_norm = _norm(so.hvp({k: v / un for k, v in u.items()}))
+            del u
         fams = {}
         for name, fam in fam_objs.items():
             w = [t.to(next(iter(params.values())).device) for t in signs[name]]
