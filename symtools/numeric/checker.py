@@ -262,6 +262,10 @@ def check(model: nn.Module, inputs: Tensor, targets: Tensor, symmetries: Symmetr
     else:
         # against a float64 reference the floors are those of each layer and family themselves: no common
         # part cancels (the reference is exact to ~1e-16), so nothing needs pooling across layers
+        # a set whose groups had no terms on the calibration samples takes its family's largest floor
+        fam_max = {fam.name: max((set_floor[id(gs)] or 0.0 for gs in fam.sets), default=0.0)
+                   for fam in fam_objs.values()}
+        set_floor = {id(gs): fam_max[fam.name] if set_floor[id(gs)] is None else set_floor[id(gs)] for fam, gs in sets}
         floor_g, floor_h = max(set_floor.values(), default=0.0), max(fam_floor.values(), default=0.0)
         tol_sets = {id(gs): SAFETY * max(set_floor[id(gs)], machine_eps) for _, gs in sets}
         tol_fams = {name: SAFETY * max(f, machine_eps) for name, f in fam_floor.items()}
@@ -367,7 +371,8 @@ def _precision_floors(model: nn.Module, inputs: Tensor, targets: Tensor, fam_obj
     for key, (r, s) in sets_lo.items():
         r64 = sets_64[key][0]
         d = (r - r64).abs() / s.clamp_min(1e-300)
-        set_floor[key] = float(torch.where(s > 0, d, torch.zeros_like(d)).max()) if d.numel() else 0.0
+        # None: no group of the set had terms on these samples (e.g. units dead on them), nothing measured
+        set_floor[key] = float(torch.where(s > 0, d, torch.zeros_like(d)).max()) if bool((s > 0).any()) else None
     fam_floor = {}
     for name, (resid, scale) in fams_lo.items():
         r64 = fams_64[name][0]
