@@ -34,8 +34,6 @@ from __future__ import annotations
 import benchdoc  # checks/benchdoc.py (the scripts run from checks/)
 import argparse
 import math
-import os
-import platform
 import re
 import shutil
 import sys
@@ -49,15 +47,7 @@ TARGET_S = 60.0
 
 
 def machine() -> dict[str, str]:
-    import torch
-
-    try:
-        load = f"{os.getloadavg()[0]:.2f}"
-    except OSError:  # pragma: no cover
-        load = "n/a"
-    return {"processor": platform.processor() or platform.machine() or "unknown", "cpu_count": str(os.cpu_count()),
-            "torch threads": str(torch.get_num_threads()), "python": platform.python_version(),
-            "torch": torch.__version__, "platform": platform.platform(), "load (1 min)": load}
+    return benchdoc.machine()
 
 
 class Clock:

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import benchdoc  # checks/benchdoc.py (the scripts run from checks/)
 import argparse
-import os
-import platform
 import re
 import sys
 import time
@@ -49,21 +47,8 @@ script rewrites its own section of this page. Conventions:
 
 def machine() -> dict[str, str]:
     import sympy
-    import torch
 
-    try:
-        load = f"{os.getloadavg()[0]:.2f}"
-    except OSError:  # pragma: no cover - not on every platform
-        load = "n/a"
-    return {
-        "processor": platform.processor() or platform.machine() or "unknown",
-        "cpu_count": str(os.cpu_count()),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "sympy": sympy.__version__,
-        "platform": platform.platform(),
-        "load (1 min)": load,
-    }
+    return benchdoc.machine(threads=False, versions={"sympy": sympy.__version__})
 
 
 def best_of(fn, repeats: int) -> tuple[float, list[float]]:

@@ -45,7 +45,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import re
 import resource
 import statistics
@@ -65,20 +64,9 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def machine() -> dict[str, str]:
-    try:
-        load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
-    except OSError:  # pragma: no cover - not on every platform
-        load = "n/a"
-    return {
-        "processor": platform.processor() or platform.machine() or "unknown",
-        "cpu_count": str(os.cpu_count()),
-        "torch threads": str(torch.get_num_threads()),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-        "load (1, 5, 15 min) at start": load,
-        "device": "cpu (no GPU was lent to this run)" if not torch.cuda.is_available() else "cuda available",
-    }
+    info = benchdoc.machine(all_loads=True)
+    info["device"] = "cpu (no GPU was lent to this run)" if not torch.cuda.is_available() else "cuda available"
+    return info
 
 
 def setup(dtype: torch.dtype, batch: int, seed: int = 0):

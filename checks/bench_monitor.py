@@ -41,7 +41,6 @@ import argparse
 import cProfile
 import io
 import os
-import platform
 import pstats
 import statistics
 import sys
@@ -58,19 +57,7 @@ HEADER = "# Benchmarks\n\nSpeed and memory targets of symtools, measured by the 
 
 
 def machine(device: torch.device) -> dict[str, str]:
-    try:
-        load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
-    except OSError:  # pragma: no cover - not on every platform
-        load = "n/a"
-    info = {
-        "processor": platform.processor() or platform.machine() or "unknown",
-        "cpu_count": str(os.cpu_count()),
-        "torch threads": str(torch.get_num_threads()),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-        "load (1, 5, 15 min) at start": load,
-    }
+    info = benchdoc.machine(all_loads=True)
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info

@@ -1,7 +1,10 @@
-"""Shared by the benchmark scripts: replace one ``## SECTION`` of docs/benchmarks.md, leaving the others."""
+"""Shared by the benchmark scripts: the machine description, and replacing one ``## SECTION`` of
+docs/benchmarks.md while leaving the others."""
 
 from __future__ import annotations
 
+import os
+import platform
 import re
 from pathlib import Path
 
@@ -21,3 +24,22 @@ def update_doc(path: Path, section: str, text: str, header: str = HEADER) -> Non
         doc = doc.rstrip() + "\n\n" + text
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(doc.rstrip() + "\n")
+
+
+def machine(*, threads: bool = True, all_loads: bool = False, versions: dict[str, str] | None = None) -> dict[str, str]:
+    """The machine a benchmark ran on: processor, CPUs, (torch threads), Python, torch, ``versions`` (e.g.
+    SymPy's), platform, and the load average (1 min, or 1, 5 and 15 min with ``all_loads``) at the start."""
+    import torch
+
+    try:
+        loads = os.getloadavg()
+        load = ", ".join(f"{v:.2f}" for v in loads) if all_loads else f"{loads[0]:.2f}"
+    except OSError:  # pragma: no cover - not on every platform
+        load = "n/a"
+    info = {"processor": platform.processor() or platform.machine() or "unknown", "cpu_count": str(os.cpu_count())}
+    if threads:
+        info["torch threads"] = str(torch.get_num_threads())
+    info.update({"python": platform.python_version(), "torch": torch.__version__, **(versions or {}),
+                 "platform": platform.platform()})
+    info["load (1, 5, 15 min) at start" if all_loads else "load (1 min)"] = load
+    return info

@@ -198,6 +198,23 @@ def write_html(report: dict, path: str | os.PathLike) -> Path:
     return path
 
 
+def _diagonal_scatter(plt, path, fams, title: str, xlabel: str, ylabel: str, points) -> None:
+    """One panel per family: the (x, y, flagged) point sets ``points(family)`` against the line y = x
+    (red: flagged layers)."""
+    fig, axes = plt.subplots(1, len(fams), figsize=(3.6 * len(fams), 3.2), squeeze=False)
+    for ax, fam in zip(axes.flat, fams):
+        for x, y, flagged in points(fam):
+            ax.plot(x, y, ".", ms=2, alpha=0.5, color="#c00000" if flagged else "#4472c4")
+        ax.set_title(f"{fam}: {title}", fontsize=8)
+        ax.set_xlabel(xlabel, fontsize=7)
+        ax.set_ylabel(ylabel, fontsize=7)
+        ax.tick_params(labelsize=6)
+        lo, hi = ax.get_xlim()
+        ax.plot([lo, hi], [lo, hi], color="gray", lw=0.5)
+    fig.subplots_adjust(left=0.1, right=0.97, bottom=0.16, top=0.9, wspace=0.35)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
 def _plots(report: dict, folder: Path) -> list[tuple[str, str]]:
     import matplotlib
 
@@ -232,41 +249,21 @@ def _plots(report: dict, folder: Path) -> list[tuple[str, str]]:
         plt.close(fig)
         out.append((fname, title))
     if any(e.get("vs_init") for e in layers):
-        fig, axes = plt.subplots(1, len(fams), figsize=(3.6 * len(fams), 3.2), squeeze=False)
-        for ax, fam in zip(axes.flat, fams):
-            for e in layers:
-                if e["family"] == fam and e.get("vs_init"):
-                    ax.plot(e["vs_init"]["init_values"], e["values"], ".", ms=2, alpha=0.5,
-                            color="#c00000" if e.get("flagged") else "#4472c4")
-            ax.set_title(f"{fam}: charge now vs init", fontsize=8)
-            ax.set_xlabel("init", fontsize=7)
-            ax.set_ylabel("now", fontsize=7)
-            ax.tick_params(labelsize=6)
-            lo, hi = ax.get_xlim()
-            ax.plot([lo, hi], [lo, hi], color="gray", lw=0.5)
-        fig.subplots_adjust(left=0.1, right=0.97, bottom=0.16, top=0.9, wspace=0.35)
-        fig.savefig(folder / "charge_vs_init.png", dpi=80)
-        plt.close(fig)
+        _diagonal_scatter(plt, folder / "charge_vs_init.png", fams, "charge now vs init", "init", "now",
+                          lambda fam: [(e["vs_init"]["init_values"], e["values"], e.get("flagged")) for e in layers
+                                       if e["family"] == fam and e.get("vs_init")])
         out.append(("charge_vs_init.png", "Charge now vs its initial value (red: flagged layers; line: unchanged)"))
     pred_fams = [f for f in fams if any(_best_prediction(e) for e in layers if e["family"] == f)]
     if pred_fams:
-        fig, axes = plt.subplots(1, len(pred_fams), figsize=(3.6 * len(pred_fams), 3.2), squeeze=False)
-        for ax, fam in zip(axes.flat, pred_fams):
+        def predicted_points(fam):
             for e in layers:
                 p = _best_prediction(e) if e["family"] == fam else None
                 q = (p or {}).get("quantities", {}).get("Q")
                 if q and q.get("available"):
-                    ax.plot(q["predicted"], q["actual"], ".", ms=2, alpha=0.5,
-                            color="#c00000" if e.get("flagged") else "#4472c4")
-            ax.set_title(f"{fam}: charge vs prediction", fontsize=8)
-            ax.set_xlabel("predicted", fontsize=7)
-            ax.set_ylabel("checkpoint", fontsize=7)
-            ax.tick_params(labelsize=6)
-            lo, hi = ax.get_xlim()
-            ax.plot([lo, hi], [lo, hi], color="gray", lw=0.5)
-        fig.subplots_adjust(left=0.1, right=0.97, bottom=0.16, top=0.9, wspace=0.35)
-        fig.savefig(folder / "charge_vs_prediction.png", dpi=80)
-        plt.close(fig)
+                    yield q["predicted"], q["actual"], e.get("flagged")
+
+        _diagonal_scatter(plt, folder / "charge_vs_prediction.png", pred_fams, "charge vs prediction", "predicted",
+                          "checkpoint", predicted_points)
         out.append(("charge_vs_prediction.png", "Charge at the checkpoint vs the law's prediction "
                                                 "(lower bounds: the checkpoint must lie above the line)"))
         judged = [(e, _best_prediction(e)) for e in layers]
