@@ -46,8 +46,8 @@ SECTION = "Audit"
 TARGET_S = 60.0
 
 
-def machine() -> dict[str, str]:
-    return benchdoc.machine()
+def machine(device: str = "cpu") -> dict[str, str]:
+    return benchdoc.machine(device=device)
 
 
 class Clock:
@@ -148,7 +148,7 @@ def main(argv=None) -> int:
     from symtools.nn.vgg import vgg
 
     imports = time.perf_counter() - t0
-    info = machine()
+    info = machine(args.device)
     tmp = Path(tempfile.mkdtemp(prefix="bench_audit_"))
     results = []
     try:
@@ -176,8 +176,8 @@ def main(argv=None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     print(text)
     if not args.no_doc:
-        update_doc(args.doc, text)
-        print(f"updated section '{SECTION}' of {args.doc}")
+        update_doc(args.doc, text, args.device)
+        print(f"updated section '{benchdoc.section_title(SECTION, args.device)}' of {args.doc}")
     met = results[0][1][0][0] < TARGET_S
     if not met:
         print(f"target missed: {results[0][1][0][0]:.1f} s ≥ {TARGET_S:g} s", file=sys.stderr)
@@ -223,7 +223,7 @@ def hvp_profile(size: int, batch: int = 8, rows: int = 6) -> dict:
 def section(results, args, info, params, imports, profile) -> str:
     name0, ((wall0, cpu0), clock0, report0), _ = results[0]
     fams = ", ".join(f"{f} {v['groups']}" for f, v in report0["families"].items())
-    lines = [f"## {SECTION}", "",
+    lines = [f"## {benchdoc.section_title(SECTION, args.device)}", "",
              f"`python checks/bench_audit.py{' --profile' if profile else ''}` — `symtools audit` of a VGG-16-BN "
              f"checkpoint ({params:,} parameters; groups: {fams}) on a batch of {args.batch} bundled digit images at "
              f"{args.input}×{args.input} on {args.device}, HTML report and JSON included, as "
@@ -261,7 +261,7 @@ def section(results, args, info, params, imports, profile) -> str:
                          f"{idt['hvps']['verification']} verification + {idt['hvps']['reference']} reference + "
                          f"{idt['hvps']['calibration']} calibration (instead of {idt['hvps']['per_group_naive']} "
                          f"one per group).")
-    lines += ["", analysis(results)]
+    lines += ["", analysis(results, args.device)]
     if profile:
         lines += ["", f"One HVP profiled with `torch.profiler` (batch {next(iter(profile.values()))['batch']}, same "
                       f"model; self CPU time of the top ops):", "",
@@ -274,7 +274,7 @@ def section(results, args, info, params, imports, profile) -> str:
     return "\n".join(lines) + "\n"
 
 
-def analysis(results) -> str:
+def analysis(results, device: str = "cpu") -> str:
     """Where the time goes, in words, from the numbers of this run."""
     by = {name: best for name, best, _ in results}
     parts = []
@@ -298,7 +298,7 @@ def analysis(results) -> str:
             f"{sum(f['groups'] for f in rep['families'].values()):,} groups, loss, comparisons, HTML and JSON) "
             f"{wall - ident:.0f} s.")
     text = "Where the time goes — " + " ".join(parts) if parts else ""
-    if "float64" in by and "float32" in by:
+    if "float64" in by and "float32" in by and str(device).startswith("cpu"):
         (w64, c64), _, _ = by["float64"]
         (w32, c32), _, _ = by["float32"]
         text += (f" Float64 costs {c64 / max(c32, 1e-9):.1f}× the CPU time of float32: its convolutions have no "
@@ -311,8 +311,8 @@ def analysis(results) -> str:
     return text
 
 
-def update_doc(path: Path, text: str) -> None:
-    benchdoc.update_doc(path, SECTION, text)
+def update_doc(path: Path, text: str, device: str = "cpu") -> None:
+    benchdoc.update_doc(path, benchdoc.section_title(SECTION, device), text)
 
 if __name__ == "__main__":
     sys.exit(main())

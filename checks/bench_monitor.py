@@ -57,10 +57,7 @@ HEADER = "# Benchmarks\n\nSpeed and memory targets of symtools, measured by the 
 
 
 def machine(device: torch.device) -> dict[str, str]:
-    info = benchdoc.machine(all_loads=True)
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
+    return benchdoc.machine(all_loads=True, device=str(device))
 
 
 def _sync(device: torch.device) -> None:
@@ -286,7 +283,7 @@ def section(results, args, info, load_end) -> str:
 
     desc = ", ".join(f"{k} {v}" for k, v in info.items())
     r0 = results[0]
-    return (f"## {SECTION}\n\n"
+    return (f"## {benchdoc.section_title(SECTION, args.device)}\n\n"
             f"`python checks/bench_monitor.py` — `vgg16_bn` ({r0['params']:,} parameters, all of them in some "
             f"group), {args.input}×{args.input} inputs, {args.classes} classes, batch {args.batch}, float32, "
             f"{args.data} data, device {args.device}; the monitor on every group the graph walk finds "
@@ -302,8 +299,8 @@ def section(results, args, info, load_end) -> str:
 
 
 
-def update_doc(path: Path, text: str) -> None:
-    benchdoc.update_doc(path, SECTION, text, HEADER)
+def update_doc(path: Path, text: str, device: str = "cpu") -> None:
+    benchdoc.update_doc(path, benchdoc.section_title(SECTION, device), text, HEADER)
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -343,8 +340,8 @@ def main(argv=None) -> int:
     text = section(results, args, info, load_end)
     print(text)
     if not args.no_doc:
-        update_doc(args.doc, text)
-        print(f"updated section '{SECTION}' of {args.doc}")
+        update_doc(args.doc, text, args.device)
+        print(f"updated section '{benchdoc.section_title(SECTION, args.device)}' of {args.doc}")
     over = [r["momentum"] for r in results if statistics.median(r["ratios"]) > TARGET]
     if over:
         print(f"overhead above {100 * TARGET:g} % for momentum {over}", file=sys.stderr)

@@ -26,9 +26,16 @@ def update_doc(path: Path, section: str, text: str, header: str = HEADER) -> Non
     path.write_text(doc.rstrip() + "\n")
 
 
-def machine(*, threads: bool = True, all_loads: bool = False, versions: dict[str, str] | None = None) -> dict[str, str]:
+def section_title(base: str, device: str) -> str:
+    """A benchmark's section: ``base`` for a CPU run, ``base + ", GPU"`` for a CUDA one (both kept)."""
+    return base if str(device).startswith("cpu") else f"{base}, GPU"
+
+
+def machine(*, threads: bool = True, all_loads: bool = False, versions: dict[str, str] | None = None,
+            device: str = "cpu") -> dict[str, str]:
     """The machine a benchmark ran on: processor, CPUs, (torch threads), Python, torch, ``versions`` (e.g.
-    SymPy's), platform, and the load average (1 min, or 1, 5 and 15 min with ``all_loads``) at the start."""
+    SymPy's), platform, and the load average (1 min, or 1, 5 and 15 min with ``all_loads``) at the start;
+    for a CUDA ``device`` also the GPU, its memory, CUDA and cuDNN versions."""
     import torch
 
     try:
@@ -42,4 +49,8 @@ def machine(*, threads: bool = True, all_loads: bool = False, versions: dict[str
     info.update({"python": platform.python_version(), "torch": torch.__version__, **(versions or {}),
                  "platform": platform.platform()})
     info["load (1, 5, 15 min) at start" if all_loads else "load (1 min)"] = load
+    if device.startswith("cuda"):
+        props = torch.cuda.get_device_properties(torch.device(device))
+        info.update({"gpu": f"{props.name} ({props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs)",
+                     "CUDA": str(torch.version.cuda), "cuDNN": str(torch.backends.cudnn.version())})
     return info

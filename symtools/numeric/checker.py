@@ -41,6 +41,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from symtools.nn.groups import GroupSet, SymmetryMap
 from symtools.numeric import groupops
+from symtools.numeric.precision import ieee_float32
 from symtools.numeric.second_order import SecondOrder
 
 SAFETY = 100.0  # tolerance = SAFETY × measured round-off floor (never below SAFETY × ε_mach)
@@ -155,6 +156,7 @@ class _Family:
         return resid, direction, coupling
 
 
+@ieee_float32()
 def check(model: nn.Module, inputs: Tensor, targets: Tensor, symmetries: SymmetryMap, *,
           loss="cross_entropy", bn: str = "batch", weight_decay: float = 0.0, dtype: torch.dtype | None = None,
           seed: int = 0, locate: bool = True, modules: Mapping[str, object] | None = None,
@@ -168,6 +170,8 @@ def check(model: nn.Module, inputs: Tensor, targets: Tensor, symmetries: Symmetr
     the default in float64) or ``"float64"`` (the same residuals against a float64 copy on the first
     :data:`CALIBRATION_SAMPLES` samples; the default in lower precisions, whose permuted-batch floor is
     loose: on VGG-16-BN in float32 it is ~1e-3, while genuine residuals sit at ~1e-7).
+    On CUDA the whole check runs with TensorFloat-32 off (:func:`symtools.numeric.precision.ieee_float32`), so a
+    float32 check measures float32, not TF32's 10-bit mantissa; the caller's flags are restored afterwards.
     """
     say = progress or (lambda msg: None)
     if dtype is not None and next(model.parameters()).dtype != dtype:

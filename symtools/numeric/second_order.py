@@ -15,6 +15,7 @@ H θ_A + g_A + ∂θ(2ε_c ∂L/∂ε_c) = 0. LayerNorm's ε breaks the scale of
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Mapping
 
 import torch
@@ -22,6 +23,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from symtools.numeric.bn_epsilon import batch_norm_batch_stats
+from symtools.numeric.conv_hessian import fast_second_order
 from symtools.numeric.evaluation import _loss_function, batchnorm_modules, evaluation_mode
 
 
@@ -51,7 +53,9 @@ class SecondOrder:
             if isinstance(m, nn.LayerNorm):
                 hooks.append(m.register_forward_hook(self._make_ln_hook(name)))
         try:
-            with evaluation_mode(model, bn):
+            # a graph to differentiate twice: convolutions' second derivatives from the standard kernels
+            twice = fast_second_order() if create_graph else contextlib.nullcontext()
+            with evaluation_mode(model, bn), twice:
                 out = functional_call(model, self.params, (inputs,))
         finally:
             for h in hooks:
