@@ -230,8 +230,10 @@ def section(results, args, info, params, imports, profile) -> str:
              f"`symtools audit CKPT --batch {args.batch} --report DIR --json FILE` runs it. Variants: the identity "
              f"checks in float32 (the default `--dtype`, tolerances calibrated against float64 on the first 2 images), in float64, and without them but with an init and a "
              f"10-step SGD hypothesis (every law evaluated). Best of {args.repeats} run(s) per variant. Wall clock, "
-             f"with the process CPU time (2 threads) beside it: on this shared machine wall time exceeds CPU "
-             f"time when other work runs.", "",
+             f"with the process CPU time ({info['torch threads']} threads) beside it: wall time exceeds CPU "
+             f"time when other work runs" + (", and on a GPU the phases inside audit_model are timed without "
+             f"synchronising, so kernels still queued are counted in a later phase" if args.device != "cpu" else "")
+             + ".", "",
              f"Machine: {', '.join(f'{k} {v}' for k, v in info.items())}.", "",
              "| phase | " + " | ".join(f"{n} wall / CPU [s]" for n, _, _ in results) + " |",
              "|---|" + "---:|" * len(results)]

@@ -366,11 +366,11 @@ def section(info, speeds, mem, cl, repeats, memory_batch) -> tuple[str, list[str
         lines.append(f"| {s['dtype']} | {s['batch']} | {ms(s['gradient'])} | {ms(s['hvp'])} | {s['ratio']:.2f} "
                      f"({', '.join(f'{r:.2f}' for r in s['ratios'])}) | {'yes' if met else '**no**'} | "
                      f"{ms(s['extra_hvp'])} | {s['extra_ratio']:.2f} | {s['native_ratio']:.2f} |")
-    lines += ["", "An HVP from scratch is a gradient with its graph kept (forward + first backward) plus a second "
-              "backward; by operation count (convolutions: forward F, first backward 2F, second backward 6F) it is "
-              "3× a gradient before any elementwise work, so the 3× target sits at the method's floor "
-              "(docs/checker.md, section 7). The checker builds the first-order graph once (it needs the gradient "
-              "anyway) and pays one extra HVP per Hessian test."]
+    lines += ["", "Operation count of the convolutions (F = their forward pass; docs/checker.md, section 7): a "
+              "gradient is F + 2F; an HVP from scratch F + F + 6F = 8F, 2.67× (its first backward skips the weight "
+              "gradients' values, which H v does not read); an extra HVP on a built graph 6F, 2×. BatchNorm's second "
+              "derivative, ReLU and max-pool masks and kernel launches come on top. The checker builds the "
+              "first-order graph once (it needs the gradient anyway) and pays one extra HVP per Hessian test."]
     fwd = [s for s in speeds if "fwd" in s]
     if fwd:
         lines += ["", "For comparison, forward-over-reverse (`torch.func.jvp` of `torch.func.grad` of the same loss, "

@@ -294,7 +294,10 @@ def section(results, args, info, load_end) -> str:
             f"per group (float64); the reference approach keeps one buffer per parameter (its dtype) per "
             f"tracked integral. On the CPU the monitor reduces its densities a block of "
             f"{CPU_BLOCK:,} elements at a time (`symtools.numeric.groupops.CPU_BLOCK`): temporaries stay in "
-            f"the cache, and blocks are large enough that per-op overhead does not dominate.\n\n"
+            f"the cache, and blocks are large enough that per-op overhead does not dominate."
+            + (" On a GPU the hooks are launch-bound: they issue a few thousand small tensor operations per step "
+               "(docs/monitor.md, section \"Cost on CPU and GPU\"), each a kernel launch, against a training step "
+               "of about 15 ms." if str(args.device).startswith("cuda") else "") + "\n\n"
             f"Machine: {desc}; load at the end {load_end}.\n\n{table(results, args)}\n")
 
 

@@ -98,3 +98,22 @@ def test_negative_control_a_dropped_derivative_term_is_seen(monkeypatch, term):
         monkeypatch.setattr(conv_hessian.WeightGradient, "backward", staticmethod(backward))
     net, f, params, v = _setup("2d: stride, dilation, groups, BN")
     assert relative_difference(hvp(f, params, v), _native_hvp(f, params, v)) > WRONG
+
+
+def test_gradient_values_are_computed_wherever_they_are_returned():
+    """hvp() skips the convolution weights' gradient values (placeholders of zeros in its first backward);
+    grad_and_hvp() returns g, so it computes them: g equals a plain gradient, and both H v equal PyTorch's.
+    Negative control: under ``weight_gradients=False`` a create_graph backward really returns zeros there."""
+    from symtools.numeric.hvp import grad_and_hvp, gradient
+
+    net, f, params, v = _setup("2d: stride, dilation, groups, BN")
+    g, hv = grad_and_hvp(f, params, v)
+    assert relative_difference(g, gradient(f, params)) < ROUND_OFF
+    assert relative_difference(hv, _native_hvp(f, params, v)) < ROUND_OFF
+    leaves = {k: p.detach().requires_grad_(True) for k, p in params.items()}
+    with fast_second_order(weight_gradients=False):
+        loss = f(leaves)
+    lazy = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()), create_graph=True)))
+    conv_weights = [k for k, p in params.items() if p.dim() >= 3]
+    assert conv_weights and all(not lazy[k].any() for k in conv_weights)
+    assert all(g[k].abs().max() > 0 for k in conv_weights)

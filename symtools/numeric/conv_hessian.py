@@ -71,12 +71,19 @@ class InputGradient(torch.autograd.Function):
 
 
 class WeightGradient(torch.autograd.Function):
-    """g_W = wgrad(ġ, x), differentiable in x and ġ by dgrad and fprop."""
+    """g_W = wgrad(ġ, x), differentiable in x and ġ by dgrad and fprop.
+
+    With ``value=False`` the forward skips wgrad and returns zeros of W's shape (a broadcast view, no memory):
+    for an HVP from scratch the value of g_W is never read, only its derivative ⟨g_W, v⟩ → (dgrad(ġ, v),
+    fprop(x, v)), which the backward computes in full. That saves one weight-sized product per layer.
+    """
 
     @staticmethod
-    def forward(ctx, x: Tensor, grad_out: Tensor, w_like: Tensor, c: Config) -> Tensor:
+    def forward(ctx, x: Tensor, grad_out: Tensor, w_like: Tensor, c: Config, value: bool = True) -> Tensor:
         ctx.save_for_backward(x, grad_out, w_like)
         ctx.config = c
+        if not value:
+            return w_like.new_zeros(()).expand(w_like.shape)
         return _backward(grad_out, x, w_like, c, 1)
 
     @staticmethod
@@ -84,16 +91,17 @@ class WeightGradient(torch.autograd.Function):
         x, grad_out, _ = ctx.saved_tensors
         d_x = _backward(grad_out, x, a_w, ctx.config, 0) if ctx.needs_input_grad[0] else None
         d_grad_out = _fprop(x, a_w, None, ctx.config) if ctx.needs_input_grad[1] else None
-        return d_x, d_grad_out, None, None
+        return d_x, d_grad_out, None, None, None
 
 
 class Convolution(torch.autograd.Function):
     """y = conv(x, W) + b with a backward made of :class:`InputGradient` and :class:`WeightGradient`."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, w: Tensor, bias: Tensor | None, c: Config) -> Tensor:
+    def forward(ctx, x: Tensor, w: Tensor, bias: Tensor | None, c: Config, weight_values: bool = True) -> Tensor:
         ctx.save_for_backward(x, w)
         ctx.config = c
+        ctx.weight_values = weight_values
         return _fprop(x, w, bias, c)
 
     @staticmethod
@@ -101,9 +109,10 @@ class Convolution(torch.autograd.Function):
         x, w = ctx.saved_tensors
         c = ctx.config
         g_x = InputGradient.apply(grad_out, w, x.detach(), c) if ctx.needs_input_grad[0] else None
-        g_w = WeightGradient.apply(x, grad_out, w.detach(), c) if ctx.needs_input_grad[1] else None
+        g_w = (WeightGradient.apply(x, grad_out, w.detach(), c, ctx.weight_values or not torch.is_grad_enabled())
+               if ctx.needs_input_grad[1] else None)
         g_b = grad_out.sum([0] + list(range(2, grad_out.dim()))) if ctx.needs_input_grad[2] else None
-        return g_x, g_w, g_b, None
+        return g_x, g_w, g_b, None, None
 
 
 def _spatial(value, n: int) -> list[int]:
@@ -115,6 +124,10 @@ _ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 
 
 class _Intercept(TorchFunctionMode):
+    def __init__(self, weight_values: bool):
+        super().__init__()
+        self.weight_values = weight_values
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         n = _CONVOLUTIONS.get(func)
@@ -124,12 +137,17 @@ class _Intercept(TorchFunctionMode):
             if not isinstance(padding, str):
                 c = (_spatial(a.get("stride", 1), n), _spatial(padding, n), _spatial(a.get("dilation", 1), n),
                      int(a.get("groups", 1)))
-                return Convolution.apply(a["input"], a["weight"], a.get("bias"), c)
+                return Convolution.apply(a["input"], a["weight"], a.get("bias"), c, self.weight_values)
         return func(*args, **kwargs)
 
 
 @contextlib.contextmanager
-def fast_second_order() -> Iterator[None]:
-    """Evaluate a forward pass whose graph will be differentiated twice: convolutions as :class:`Convolution`."""
-    with _Intercept():
+def fast_second_order(weight_gradients: bool = True) -> Iterator[None]:
+    """Evaluate a forward pass whose graph will be differentiated twice: convolutions as :class:`Convolution`.
+
+    ``weight_gradients=False``: the first backward (with ``create_graph=True``) returns zeros for the
+    convolution weights instead of their gradients, keeping what their derivatives need — for an HVP whose
+    gradient is not read. (A backward without ``create_graph`` always computes them.)
+    """
+    with _Intercept(weight_gradients):
         yield

@@ -83,11 +83,25 @@ def grad_and_hvp(f: Loss, params: Params, vectors: Vectors) -> tuple[dict[str, T
     ``vectors`` is one dict (returns one dict) or a sequence of dicts (returns a list). Missing names in a
     vector count as zero. All results are detached.
     """
+    return _double_backward(f, params, vectors, gradient_values=True)
+
+
+def hvp(f: Loss, params: Params, vectors: Vectors) -> dict[str, Tensor] | list[dict[str, Tensor]]:
+    """H v at θ = ``params`` by double backward (see :func:`grad_and_hvp`); one dict or a list, like ``vectors``.
+
+    The gradient is not returned, so the first backward skips the convolution weights' gradient values
+    (only their derivatives enter H v; :func:`symtools.numeric.conv_hessian.fast_second_order`): one
+    weight-sized product per convolution less than :func:`grad_and_hvp`, same H v.
+    """
+    return _double_backward(f, params, vectors, gradient_values=False)[1]
+
+
+def _double_backward(f: Loss, params: Params, vectors: Vectors, gradient_values: bool):
     vlist, single = _as_list(vectors)
     leaves = _leaves(params)
     out: list[dict[str, Tensor]] = []
     with torch.enable_grad():  # also works when called under torch.no_grad()
-        with fast_second_order():  # convolutions' second derivatives from the standard kernels
+        with fast_second_order(weight_gradients=gradient_values):  # convolutions: standard kernels only
             loss = f(leaves)
         grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True, allow_unused=True)
         # Gradients that do not depend on θ (None, or constant) contribute nothing to H v.
@@ -102,13 +116,9 @@ def grad_and_hvp(f: Loss, params: Params, vectors: Vectors) -> tuple[dict[str, T
                                      grad_outputs=[vk.to(gk.dtype) for gk, vk in pairs],
                                      retain_graph=i < len(vlist) - 1, allow_unused=True)
             out.append(_zeros_if_none(hv, leaves))
-    g = {k: (torch.zeros_like(p) if gk is None else gk.detach()) for (k, p), gk in zip(leaves.items(), grads)}
+    g = ({k: (torch.zeros_like(p) if gk is None else gk.detach()) for (k, p), gk in zip(leaves.items(), grads)}
+         if gradient_values else None)
     return g, (out[0] if single else out)
-
-
-def hvp(f: Loss, params: Params, vectors: Vectors) -> dict[str, Tensor] | list[dict[str, Tensor]]:
-    """H v at θ = ``params`` by double backward (see :func:`grad_and_hvp`); one dict or a list, like ``vectors``."""
-    return grad_and_hvp(f, params, vectors)[1]
 
 
 def _norm(d: Params) -> float:
