@@ -437,3 +437,39 @@ def test_float32_negative_control_eval_batchnorm():
     report = check(model, x, y, found, bn="eval", dtype=F32)
     assert_broken_exactly(report, "scale", {"conv0 → norm0", "conv1 → norm1"})
     assert_passes(report, "rescale")
+
+
+def test_forced_zero_bias_is_judged_against_the_size_of_the_terms_it_sums():
+    """A conv bias feeding BatchNorm forms translation groups of one element each: the symmetry forces its
+    gradient to 0, so what is computed is the round-off of Σ over batch and positions of ∂L/∂z (z the conv's
+    output). Its residual is judged against Σ|∂L/∂z| (SecondOrder.term_sizes), checked here against z's
+    gradient taken independently. (The permuted-batch floor alone misses this round-off where it is common to
+    both orders: on a 16-core machine with torch 2.11, VGG-11-BN at batch 2 gave residual 4.6e-14 > tolerance
+    3.1e-14, a false FAIL; 2.0e-16 with this scale.) Control: the bias gradient is round-off next to that
+    size, while a bias not feeding BatchNorm (the head's) has a gradient of the order of its terms."""
+    from symtools.numeric.evaluation import evaluation_mode
+
+    model, x, y, _ = net(kind="cnn", widths=(3, 4), norm="batch", seed=2)
+    names = ["conv0.bias", "out.bias"]
+    so = SecondOrder(model, x, y, bias_term_sizes=names)
+    seen = {}
+
+    def keep(name):
+        def hook(module, args, output):  # returns None: the output is left as it is
+            output.retain_grad()
+            seen[name] = output
+        return hook
+    hooks = [getattr(model, n.split(".")[0]).register_forward_hook(keep(n)) for n in names]
+    with evaluation_mode(model, "batch"):
+        F.cross_entropy(model(x), y).backward()
+    for h in hooks:
+        h.remove()
+    model.zero_grad(set_to_none=True)
+    assert torch.allclose(so.term_sizes["conv0.bias"], seen["conv0.bias"].grad.abs().sum((0, 2, 3)), rtol=1e-12)
+    assert torch.allclose(so.term_sizes["out.bias"], seen["out.bias"].grad.abs().sum(0), rtol=1e-12)
+    g = so.grad
+    assert (g["conv0.bias"].abs() / so.term_sizes["conv0.bias"]).max() < 1e-13  # forced zero: round-off
+    assert (g["out.bias"].abs() / so.term_sizes["out.bias"]).max() > 1e-3  # not forced: real terms
+    report = check(model, x, y, find_symmetries(model, x[:1]))
+    layer = next(lr for lr in report.families["translation"].layers if lr.layer == "conv0 → norm0")
+    assert layer.gradient_max_rel < SAFETY * EPS

@@ -199,6 +199,7 @@ def check(model: nn.Module, inputs: Tensor, targets: Tensor, symmetries: Symmetr
             fam_objs[name].eps_of = [None if info is None or info[0] in batch_norms else info
                                      for info in fam_objs[name].eps_of]
 
+    biases = _forced_zero_biases(fam_objs, model)
     if calibration is None:
         calibration = "permutation" if dtype == torch.float64 else "float64"
     if calibration not in ("permutation", "float64"):
@@ -212,7 +213,7 @@ def check(model: nn.Module, inputs: Tensor, targets: Tensor, symmetries: Symmetr
         if inputs.shape[0] > 1 and bool((perm.cpu() == torch.arange(inputs.shape[0])).all()):
             perm = torch.roll(perm, 1)
         so_perm = SecondOrder(model, inputs[perm], targets[perm], loss=loss, bn=bn, weight_decay=weight_decay,
-                              create_graph=False)
+                              create_graph=False, bias_term_sizes=biases)
         params = {k: p.detach() for k, p in so_perm.params.items()}
         grads_perm = so_perm.grad
         del so_perm
@@ -226,7 +227,7 @@ def check(model: nn.Module, inputs: Tensor, targets: Tensor, symmetries: Symmetr
                                                              weight_decay=weight_decay, dtype=dtype, gen=gen)
 
     say("gradient and first-order graph")
-    so = SecondOrder(model, inputs, targets, loss=loss, bn=bn, weight_decay=weight_decay)
+    so = SecondOrder(model, inputs, targets, loss=loss, bn=bn, weight_decay=weight_decay, bias_term_sizes=biases)
     params = {k: p.detach() for k, p in so.params.items()}
     grads = so.grad
     eps_grads = so.grad_eps
@@ -258,7 +259,7 @@ def check(model: nn.Module, inputs: Tensor, targets: Tensor, symmetries: Symmetr
         # residual with margin (300 random networks in tests/test_checker.py).
         floor_g = 0.0
         for (fam, gs), rp in zip(sets, r_perm):
-            r, s = groupops.gradient_terms(fam.module, gs, params, grads, g_rms)
+            r, s = groupops.gradient_terms(fam.module, gs, params, grads, g_rms, so.term_sizes)
             if gs.count:
                 floor_g = max(floor_g, float(((r - rp).abs() / s.clamp_min(1e-300)).max()))
         tol_sets = {id(gs): SAFETY * max(floor_g, machine_eps) for _, gs in sets}
@@ -309,16 +310,33 @@ def check(model: nn.Module, inputs: Tensor, targets: Tensor, symmetries: Symmetr
     return report
 
 
-def _corrected(fam: _Family, gs: GroupSet, eps_info, params, grads, eps_grads, g_rms):
+def _corrected(fam: _Family, gs: GroupSet, eps_info, params, grads, eps_grads, g_rms, sizes=None):
     """Per group of ``gs``: (⟨g, v⟩ with the exact ε term added where the group feeds a norm, its scale,
-    the raw ε breaking relative to the scale or None)."""
-    r, s = groupops.gradient_terms(fam.module, gs, params, grads, g_rms)
+    the raw ε breaking relative to the scale or None). ``sizes``: :attr:`SecondOrder.term_sizes`."""
+    r, s = groupops.gradient_terms(fam.module, gs, params, grads, g_rms, sizes)
     raw = None
     if eps_info is not None:
         bn, eps = eps_info
         raw = r.abs() / s.clamp_min(1e-300)  # the breaking, before correction
         r = r + 2.0 * eps * eps_grads[bn].to(torch.float64)  # ⟨g_A, θ_A⟩ = −2ε ∂L/∂ε
     return r, s, raw
+
+
+def _forced_zero_biases(fam_objs: dict, model: nn.Module) -> list[str]:
+    """Bias parameters forming groups of one element each (e.g. the translation of a bias feeding BatchNorm):
+    the identity forces their gradient to vanish, so what is computed is round-off of a sum over the batch
+    and positions, and its scale is the size of those terms (:attr:`SecondOrder.term_sizes`) — not the
+    gradient, and not the permuted-batch change, which misses the round-off common to both orders."""
+    shapes = {k: p.numel() for k, p in model.named_parameters()}
+    out = {}
+    for fam in fam_objs.values():
+        for gs in fam.sets:
+            per_group = sum(shapes[ts.param] if ts.axis is None else shapes[ts.param] // max(gs.count, 1)
+                            for tensors in gs.slots.values() for ts in tensors)
+            if per_group == 1:
+                out.update((ts.param, None) for tensors in gs.slots.values() for ts in tensors
+                           if ts.param.rpartition(".")[2] == "bias")
+    return list(out)
 
 
 def _calibration_samples(inputs: Tensor) -> int:
@@ -350,11 +368,12 @@ def _precision_floors(model: nn.Module, inputs: Tensor, targets: Tensor, fam_obj
         m = model if dt == dtype else copy.deepcopy(model).to(torch.float64)
         xx = x.to(dt) if x.is_floating_point() else x
         yy = y.to(dt) if y.is_floating_point() else y
-        so = SecondOrder(m, xx, yy, loss=loss, bn=bn, weight_decay=weight_decay)
+        so = SecondOrder(m, xx, yy, loss=loss, bn=bn, weight_decay=weight_decay,
+                         bias_term_sizes=_forced_zero_biases(fam_objs, m))
         params = {k: p.detach() for k, p in so.params.items()}
         grads, eps_grads = so.grad, so.grad_eps
         g_rms = _norm(grads) / math.sqrt(max(1, sum(g.numel() for g in grads.values())))
-        sets = {id(gs): _corrected(fam, gs, info, params, grads, eps_grads, g_rms)[:2]
+        sets = {id(gs): _corrected(fam, gs, info, params, grads, eps_grads, g_rms, so.term_sizes)[:2]
                 for fam in fam_objs.values() for gs, info in zip(fam.sets, fam.eps_of)}
         if dt == dtype:  # the size of H, for the scale of the relative floors (the float64 run reuses it)
             ug = torch.Generator().manual_seed(u_seed)
@@ -394,7 +413,7 @@ def _check_family(fam: _Family, so, params, grads, eps_grads, hu_norm, tol_sets,
     all_pass_g = True
     for gs, eps_info in zip(fam.sets, fam.eps_of):
         tol_layer = tol_sets[id(gs)]
-        r, s, raw = _corrected(fam, gs, eps_info, params, grads, eps_grads, g_rms)
+        r, s, raw = _corrected(fam, gs, eps_info, params, grads, eps_grads, g_rms, so.term_sizes)
         eps_rel = None
         if raw is not None:
             eps_rel = float(raw.max()) if raw.numel() else 0.0

@@ -16,7 +16,7 @@ H θ_A + g_A + ∂θ(2ε_c ∂L/∂ε_c) = 0. LayerNorm's ε breaks the scale of
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -33,12 +33,14 @@ class SecondOrder:
     ``bn="batch"`` (training math, identities hold) or ``"eval"`` (running statistics; a negative control).
     The model's parameters, buffers and ``training`` flags are left as they were. ``create_graph=False``
     computes the gradients only (first order, about the cost of one training gradient); :meth:`hvp` then
-    raises.
+    raises. ``bias_term_sizes``: names of bias parameters for which :attr:`term_sizes` records Σ|∂L/∂z| per
+    entry (z the module's output): the size of the terms their gradient sums, the round-off scale of a bias
+    gradient that a symmetry forces to vanish (a bias feeding BatchNorm).
     """
 
     def __init__(self, model: nn.Module, inputs: Tensor, targets: Tensor, *, loss="cross_entropy",
                  bn: str = "batch", weight_decay: float = 0.0, params: Mapping[str, Tensor] | None = None,
-                 create_graph: bool = True):
+                 create_graph: bool = True, bias_term_sizes: Iterable[str] = ()):
         self.model = model
         base = dict(model.named_parameters()) if params is None else dict(params)
         self.params = {k: p.detach().requires_grad_(True) for k, p in base.items()}
@@ -52,6 +54,11 @@ class SecondOrder:
         for name, m in model.named_modules():
             if isinstance(m, nn.LayerNorm):
                 hooks.append(m.register_forward_hook(self._make_ln_hook(name)))
+        self.term_sizes: dict[str, Tensor] = {}
+        for pname in bias_term_sizes:
+            owner, _, attr = pname.rpartition(".")
+            if attr == "bias":
+                hooks.append(model.get_submodule(owner).register_forward_hook(self._make_size_hook(pname)))
         try:
             # a graph to differentiate twice: convolutions' second derivatives from the standard kernels
             twice = fast_second_order() if create_graph else contextlib.nullcontext()
@@ -81,6 +88,21 @@ class SecondOrder:
                                             requires_grad=True)
                 self.eps_value[name] = float(mod.eps)
             return batch_norm_batch_stats(x, mod.weight, mod.bias, self.eps[name])
+        return hook
+
+    def _make_size_hook(self, pname: str) -> Callable:
+        """Σ over the other axes of |∂L/∂z| for the module output z = … + bias: the sizes of the terms whose
+        sum is the bias's gradient, recorded by a tensor hook during the first backward only."""
+        def hook(mod, args, output):
+            if not output.requires_grad:
+                return
+            channel = output.dim() - 1 if isinstance(mod, nn.Linear) else min(1, output.dim() - 1)
+            dims = [d for d in range(output.dim()) if d != channel]
+
+            def record(g: Tensor) -> None:
+                if pname not in self.term_sizes:  # later passes (the HVPs) traverse z again
+                    self.term_sizes[pname] = g.detach().abs().sum(dims, dtype=torch.float64)
+            output.register_hook(record)
         return hook
 
     def _make_ln_hook(self, name: str) -> Callable:
