@@ -308,8 +308,8 @@ def analysis(results, device: str = "cpu") -> str:
                  f"≥ {c64 / 2:.0f} s of wall time on 2 cores even at perfect use of both threads, so a float64 audit "
                  f"cannot meet {TARGET_S:g} s here; `--device cuda` runs the same code on a GPU. Float32 meets it "
                  f"with tolerances measured against float64 on its first 2 images (docs/checker.md, section 6): the Hessian "
-                 f"identities to ~1e-4 and the gradient identities per layer, except the layers it names as "
-                 f"unresolved (conv biases feeding BatchNorm, whose float32 gradient is round-off).")
+                 f"identities to ~1e-4 and the gradient identities per layer, except any layer it names as "
+                 f"unresolved (none on VGG-16-BN).")
     return text
 
 
