@@ -10,7 +10,8 @@ H = ∇²L. A *vector* v is a dict with the same names and shapes as θ (names m
   costs one more second backward pass, not a new forward pass.
 - :func:`grad_and_hvp`: g and H v from the same graph. Its forward pass runs under
   :func:`symtools.numeric.conv_hessian.fast_second_order`, so convolutions are differentiated twice with the
-  standard convolution kernels (PyTorch's own double backward of a convolution is up to 3× slower on a GPU).
+  standard convolution kernels (PyTorch's own double backward of a convolution sends part of it through slow
+  generic cuDNN kernels: a whole HVP of VGG-16-BN took 1.6× as long on an H100, docs/checker.md section 7).
 - :func:`hvp_finite_difference`: (g(θ + h v) − g(θ − h v)) / (2h), a reference for tests. Its error is
   truncation ≈ h² ‖∇³L[v,v,v]‖/6 plus round-off ≈ ε_mach ‖g‖ / h; both are balanced near
   h ≈ ε_mach^(1/3) (relative to ‖θ‖/‖v‖), the default. Only valid where L is smooth on [θ − hv, θ + hv]
