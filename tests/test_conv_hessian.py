@@ -4,11 +4,14 @@ The HVP through :func:`fast_second_order` must equal PyTorch's own double backwa
 to round-off: in float64 the two differ by ~1e-16–1e-15 relative (measured); we assert 1e-12, 10⁹ below what
 a dropped or wrong derivative term changes (≥ 1e-3 relative, the negative control below measures it).
 Shapes cover what the derivation must get right: stride, padding, dilation, groups, no bias, 1-D and 3-D,
-a first layer whose input needs no gradient, and BatchNorm in train mode between convolutions.
+a first layer whose input needs no gradient, and BatchNorm in train mode between convolutions; a property
+test draws random 2-D layers (channels, kernel, stride, padding, dilation, groups, bias, reflect padding).
 """
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from symtools.numeric import conv_hessian
@@ -117,3 +120,38 @@ def test_gradient_values_are_computed_wherever_they_are_returned():
     conv_weights = [k for k, p in params.items() if p.dim() >= 3]
     assert conv_weights and all(not lazy[k].any() for k in conv_weights)
     assert all(g[k].abs().max() > 0 for k in conv_weights)
+
+
+@st.composite
+def _conv_configs(draw):
+    """A random 2-D convolution layer between two others: channels, kernel, stride, padding, dilation, groups,
+    bias, padding mode and input size (kept small: each example is a float64 HVP on the CPU)."""
+    groups = draw(st.sampled_from([1, 2]))
+    c_in = groups * draw(st.integers(1, 2))
+    c_out = groups * draw(st.integers(1, 3))
+    kernel = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    return dict(c_in=c_in, c_out=c_out, kernel=kernel, stride=draw(st.integers(1, 2)),
+                padding=draw(st.integers(0, 2)), dilation=draw(st.integers(1, 2)), groups=groups,
+                bias=draw(st.booleans()), padding_mode=draw(st.sampled_from(["zeros", "reflect"])),
+                size=draw(st.integers(6, 9)), seed=draw(st.integers(0, 2**16)))
+
+
+@settings(max_examples=40, deadline=None)
+@given(_conv_configs())
+def test_property_any_convolution_layer_matches_pytorchs_double_backward(cfg):
+    if cfg["padding_mode"] == "reflect" and cfg["padding"] >= cfg["size"] // 2:
+        cfg["padding_mode"] = "zeros"  # reflection needs padding < the input side
+    torch.manual_seed(cfg["seed"])
+    mid = nn.Conv2d(cfg["c_in"], cfg["c_out"], cfg["kernel"], stride=cfg["stride"], padding=cfg["padding"],
+                    dilation=cfg["dilation"], groups=cfg["groups"], bias=cfg["bias"],
+                    padding_mode=cfg["padding_mode"])
+    net = nn.Sequential(nn.Conv2d(2, cfg["c_in"], 3, padding=1), nn.Tanh(), mid, nn.Tanh(), nn.Flatten(),
+                        nn.LazyLinear(3)).to(DT)
+    g = torch.Generator().manual_seed(cfg["seed"] + 1)
+    x = torch.randn(4, 2, cfg["size"], cfg["size"], generator=g, dtype=DT)
+    y = torch.randint(0, 3, (4,), generator=g)
+    net(x)  # materialise the head
+    params = parameter_dict(net)
+    v = {k: torch.randn(p.shape, generator=g, dtype=DT) for k, p in params.items()}
+    f = loss_closure(net, x, y)
+    assert relative_difference(hvp(f, params, v), _native_hvp(f, params, v)) < ROUND_OFF
