@@ -101,17 +101,12 @@ def setup(dtype: torch.dtype, batch: int, seed: int = 0):
     return model, params, loss_closure(model, x, y), x, y, v
 
 
-def _sync() -> None:
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize(DEVICE)
-
-
 def timed(fn) -> float:
     """Wall time of ``fn()``; on a GPU between synchronisations, so queued kernels are counted."""
-    _sync()
+    benchdoc.sync(DEVICE)
     t0 = time.perf_counter()
     fn()
-    _sync()
+    benchdoc.sync(DEVICE)
     return time.perf_counter() - t0
 
 
@@ -183,7 +178,7 @@ def child(kind: str, dtype_name: str, batch: int) -> dict:
     model, params, f, x, y, v = setup(DTYPES[dtype_name], batch)
     gpu = DEVICE.type == "cuda"
     if gpu:  # the allocator's bytes (KiB here, like the resident set), counted from now
-        _sync()
+        benchdoc.sync(DEVICE)
         torch.cuda.reset_peak_memory_stats(DEVICE)
         before = torch.cuda.memory_allocated(DEVICE) // 1024
         out: dict = {"kind": kind, "dtype": dtype_name, "batch": batch, "rss_before_kb": before,
@@ -211,7 +206,7 @@ def child(kind: str, dtype_name: str, batch: int) -> dict:
                          "tolerance": {k: report.tolerance[k] for k in ("gradient", "hessian")}}
     else:
         raise SystemExit(f"unknown child kind {kind!r}")
-    _sync()
+    benchdoc.sync(DEVICE)
     out["seconds"] = time.perf_counter() - t0
     out["peak_kb"] = torch.cuda.max_memory_allocated(DEVICE) // 1024 if gpu else _status_kb("VmHWM")
     out["increment_kb"] = out["peak_kb"] - before

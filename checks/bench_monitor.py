@@ -60,11 +60,6 @@ def machine(device: torch.device) -> dict[str, str]:
     return benchdoc.machine(all_loads=True, device=str(device))
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _batches(kind: str, batch: int, size: int, classes: int, count: int, device: torch.device):
     if kind == "digits":
         from symtools.data.loader import make_loader
@@ -174,13 +169,13 @@ def run_config(momentum: float, args, device: torch.device) -> dict:
             x, y = batches[step - 1]
             ctx.step, ctx.batch = step, (x, y)
             model.train()
-            _sync(device)
+            benchdoc.sync(device)
             t0 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
             logits = model(x)
             loss = loss_fn(logits, y)
             loss.backward()
-            _sync(device)
+            benchdoc.sync(device)
             t1 = time.perf_counter()
             ctx.loss, ctx.logits = loss.detach(), logits.detach()
             if step == total + 1:  # one extra, untimed step: the check of the numbers, the memory of the hooks
@@ -207,17 +202,17 @@ def run_config(momentum: float, args, device: torch.device) -> dict:
             if profiler is not None and step > args.warmup:
                 profiler.enable()
             monitor.before_step(ctx)
-            _sync(device)
+            benchdoc.sync(device)
             t2 = time.perf_counter()
             if profiler is not None:
                 profiler.disable()
             opt.step()
-            _sync(device)
+            benchdoc.sync(device)
             t3 = time.perf_counter()
             if profiler is not None and step > args.warmup:
                 profiler.enable()
             monitor.after_step(ctx)
-            _sync(device)
+            benchdoc.sync(device)
             t4 = time.perf_counter()
             if profiler is not None:
                 profiler.disable()

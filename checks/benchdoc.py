@@ -26,6 +26,15 @@ def update_doc(path: Path, section: str, text: str, header: str = HEADER) -> Non
     path.write_text(doc.rstrip() + "\n")
 
 
+def sync(device) -> None:
+    """Wait for queued GPU work (timings on a CUDA device are taken between synchronisations)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def section_title(base: str, device: str) -> str:
     """A benchmark's section: ``base`` for a CPU run, ``base + ", GPU"`` for a CUDA one (both kept)."""
     return base if str(device).startswith("cpu") else f"{base}, GPU"

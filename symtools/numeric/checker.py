@@ -223,7 +223,7 @@ def check(model: nn.Module, inputs: Tensor, targets: Tensor, symmetries: Symmetr
         # Round-off floors of this precision, measured against float64 on the first few samples
         say(f"round-off floors ({str(dtype).replace('torch.', '')} against float64 on "
             f"{_calibration_samples(inputs)} samples)")
-        set_floor, fam_floor, calib_hvps = _precision_floors(model, inputs, targets, fam_objs, loss=loss, bn=bn,
+        set_floor, fam_floor, calib_hvps = _precision_floors(model, inputs, targets, fam_objs, biases, loss=loss, bn=bn,
                                                              weight_decay=weight_decay, dtype=dtype, gen=gen)
 
     say("gradient and first-order graph")
@@ -327,13 +327,11 @@ def _forced_zero_biases(fam_objs: dict, model: nn.Module) -> list[str]:
     the identity forces their gradient to vanish, so what is computed is round-off of a sum over the batch
     and positions, and its scale is the size of those terms (:attr:`SecondOrder.term_sizes`) — not the
     gradient, and not the permuted-batch change, which misses the round-off common to both orders."""
-    shapes = {k: p.numel() for k, p in model.named_parameters()}
+    params = dict(model.named_parameters())
     out = {}
     for fam in fam_objs.values():
         for gs in fam.sets:
-            per_group = sum(shapes[ts.param] if ts.axis is None else shapes[ts.param] // max(gs.count, 1)
-                            for tensors in gs.slots.values() for ts in tensors)
-            if per_group == 1:
+            if groupops.elements_per_group(gs, params) == 1:
                 out.update((ts.param, None) for tensors in gs.slots.values() for ts in tensors
                            if ts.param.rpartition(".")[2] == "bias")
     return list(out)
@@ -346,7 +344,7 @@ def _calibration_samples(inputs: Tensor) -> int:
     return min(CALIBRATION_IMAGES if images else CALIBRATION_SAMPLES, int(inputs.shape[0]))
 
 
-def _precision_floors(model: nn.Module, inputs: Tensor, targets: Tensor, fam_objs: dict, *, loss, bn: str,
+def _precision_floors(model: nn.Module, inputs: Tensor, targets: Tensor, fam_objs: dict, biases, *, loss, bn: str,
                       weight_decay: float, dtype: torch.dtype, gen: torch.Generator):
     """Round-off floors of a low-precision check, measured against float64 on the first samples.
 
@@ -368,8 +366,7 @@ def _precision_floors(model: nn.Module, inputs: Tensor, targets: Tensor, fam_obj
         m = model if dt == dtype else copy.deepcopy(model).to(torch.float64)
         xx = x.to(dt) if x.is_floating_point() else x
         yy = y.to(dt) if y.is_floating_point() else y
-        so = SecondOrder(m, xx, yy, loss=loss, bn=bn, weight_decay=weight_decay,
-                         bias_term_sizes=_forced_zero_biases(fam_objs, m))
+        so = SecondOrder(m, xx, yy, loss=loss, bn=bn, weight_decay=weight_decay, bias_term_sizes=biases)
         params = {k: p.detach() for k, p in so.params.items()}
         grads, eps_grads = so.grad, so.grad_eps
         g_rms = _norm(grads) / math.sqrt(max(1, sum(g.numel() for g in grads.values())))

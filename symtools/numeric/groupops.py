@@ -273,6 +273,16 @@ def reduce_density(functions: Mapping[str, object], args: Mapping[str, tuple[str
     return totals[""], sizes.get("")
 
 
+def elements_per_group(gs: GroupSet, params) -> int:
+    """Parameter elements in one group of ``gs`` (all its slots and tensors)."""
+    total = 0
+    for slices in gs.slots.values():
+        for ts in slices:
+            n = params[ts.param].numel()
+            total += n if ts.axis is None else n // max(gs.count, 1)
+    return total
+
+
 def gradient_terms(module: ModuleType, gs: GroupSet, params, grads, g_typical: float = 0.0,
                    term_sizes: Mapping[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """Per group: (⟨g, v⟩, its scale) summed over all slots and tensors.

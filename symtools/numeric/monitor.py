@@ -42,7 +42,7 @@ from torch import Tensor
 
 from symtools.errors import SymtoolsError
 from symtools.nn.groups import GroupSet, SymmetryMap
-from symtools.numeric.groupops import ACC, CPU_BLOCK, Combination, ViewCache, reduce_terms
+from symtools.numeric.groupops import ACC, CPU_BLOCK, Combination, ViewCache, elements_per_group, reduce_terms
 from symtools.numeric.records import read_stream
 
 QUANTITIES = ("measured", "step", "accumulated", "continuous")
@@ -151,16 +151,6 @@ class _Site:
         return self.continuous and "U" in self.law.CONTINUOUS_MEASURED
 
 
-def _elements_per_group(gs: GroupSet, params: dict) -> int:
-    """Parameter elements in one group of ``gs`` (all its slots and tensors)."""
-    total = 0
-    for slices in gs.slots.values():
-        for ts in slices:
-            n = params[ts.param].numel()
-            total += n if ts.axis is None else n // max(gs.count, 1)
-    return total
-
-
 def _terms_scale(advance, state: dict, terms: dict, hyper) -> Tensor:
     """Σ of |each term of the law's prediction of Q|, per group.
 
@@ -237,7 +227,7 @@ class Monitor:
                 elif law is not None and _group_kind(pg) != kind:
                     self._warn(f"{gs.layer}: its param group follows {_group_kind(pg)}, not {kind}; measured-only there")
                     law = None
-            self.sites.append(_Site(gs, law, charge, len(self.sites), single_element=_elements_per_group(gs, self._params) == 1))
+            self.sites.append(_Site(gs, law, charge, len(self.sites), single_element=elements_per_group(gs, self._params) == 1))
         columns = ["step"]
         for s in self.sites:
             columns += [f"{s.gs.family}|{s.index}|{s.gs.layer}|{q}" for q in QUANTITIES]
