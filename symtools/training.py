@@ -87,6 +87,8 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
+from symtools.checkpoints import load_checkpoint_file
+from symtools.checkpoints import unwrap_model as _unwrap
 from symtools.errors import SymtoolsError
 from symtools.numeric.records import RecordWriter, read_stream
 
@@ -142,12 +144,6 @@ class TrainContext:
 
 # ---------------------------------------------------------------------------------------------------
 # distributed runs
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The module inside a ``DistributedDataParallel``/``DataParallel`` wrapper (the model itself otherwise)."""
-    return model.module if isinstance(model, (torch.nn.parallel.DistributedDataParallel,
-                                              torch.nn.DataParallel)) else model
-
-
 def _rank_and_world() -> tuple[int, int]:
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized():
@@ -225,16 +221,13 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a checkpoint safely (``weights_only=True``) onto the CPU."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise SymtoolsError(f"no checkpoint at {path}") from None
-    except Exception as exc:  # unpickling errors: corrupt file or not a weights-only checkpoint
-        raise SymtoolsError(f"cannot load checkpoint {path}: {exc}") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise SymtoolsError(f"{path} is not a symtools checkpoint (no 'model' state_dict)")
-    return ckpt
+    """A training checkpoint of this module as the dict it was saved as (read by the one safe loader,
+    :func:`symtools.checkpoints.load_checkpoint_file`: weights only, CRC and nan/inf checked)."""
+    ckpt = load_checkpoint_file(path)
+    if ckpt.kind != CHECKPOINT_FORMAT:
+        raise SymtoolsError(f"{path} is not a symtools training checkpoint (no 'format': '{CHECKPOINT_FORMAT}' "
+                            f"entry); resume needs the run's own checkpoints/step_NNNNNN.pt")
+    return ckpt.raw
 
 
 def _cpu(obj: Any) -> Any:
@@ -459,6 +452,7 @@ def train(
     loss: str | Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = "cross_entropy",
     progress: bool | None = True,
     resume: bool = False,
+    overwrite: bool = False,
     scheduler: Any = None,
     config: dict | None = None,
 ) -> dict:
@@ -474,6 +468,8 @@ def train(
     ``None`` = bar on a TTY only; ``False`` = silent. ``resume``: continue from the latest checkpoint in
     ``out_dir`` (model, optimizer, scheduler, RNG, batch position, records truncated to that step;
     hyper-parameters come from the checkpoint's optimizer state); without a checkpoint it starts afresh.
+    ``overwrite``: replace a run already in ``out_dir`` (its ``step_*.pt`` checkpoints are removed and its
+    record streams emptied; nothing else there is touched); without it such a folder is refused.
     ``scheduler``: optional LR scheduler, stepped once after every update. ``config``: extra plain
     values stored in checkpoints and the summary (e.g. the command line).
     """
@@ -497,12 +493,22 @@ def train(
     rank, world = _rank_and_world()
     existing = list_checkpoints(out_dir)
     records_dir = out_dir / "records"
-    if not resume and (existing or any(p.stat().st_size for p in records_dir.glob("*.f64"))):
-        raise SymtoolsError(f"{out_dir} already holds a run: resume it (resume=True / --resume) or choose a new directory")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SymtoolsError(f"{out_dir} is a file, not a folder: give a new folder for the run")
+    replace = not resume and (existing or any(p.stat().st_size for p in records_dir.glob("*.f64")))
+    if replace and not overwrite:
+        raise SymtoolsError(f"{out_dir} already holds a run: resume it (resume=True / --resume), replace it "
+                            f"(overwrite=True / --force) or choose a new directory")
     if world > 1:  # every rank has looked at out_dir before rank 0 writes to it
         torch.distributed.barrier()
     if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SymtoolsError(f"cannot create the run folder {out_dir}: {exc.strerror}") from None
+        if replace:  # only what a run consists of: its checkpoints here, its records below
+            for _, old in existing:
+                old.unlink()
 
     model.to(device)
     param_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
@@ -523,7 +529,7 @@ def train(
         if resume and existing:
             start_step, elapsed_before = _resume(ctx, existing[-1], steps)
             records.truncate_to_step(start_step)
-        elif resume:
+        elif resume or replace:
             records.truncate_to_step(-math.inf)
     except BaseException:
         records.close()

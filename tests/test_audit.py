@@ -49,7 +49,7 @@ def run_cli(args, capsys) -> tuple[int, str, str]:
 def _train_run(path: Path, optimizer: str, steps: int) -> Path:
     from symtools.nn.graph import find_symmetries
 
-    monitor = pytest.importorskip("symtools.numeric.monitor")
+    from symtools.numeric import monitor
     model = small_vgg()
     if optimizer == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=LR, weight_decay=WD)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from symtools.cli.common import parse_device
+from symtools.cli.common import parse_device, require
 from symtools.errors import SymtoolsError
 
 HELP = "audit a checkpoint: charges per symmetry group, identities, comparison with init and with the laws"
@@ -125,6 +125,7 @@ def prepare(args) -> dict:
         if not jp.parent.exists():
             raise SymtoolsError(f"--json {jp}: folder {jp.parent} does not exist")
     if args.report:
+        require("matplotlib", "matplotlib", "--report (its plots)")
         check_report_dir(args.report)
     device = parse_device(args.device)
     ckpt = load_checkpoint_file(args.checkpoint)

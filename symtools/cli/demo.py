@@ -7,6 +7,10 @@
 3. plot the run (paper-style figures);
 4. audit the final checkpoint against the run.
 Every stage is the same code as its command (``derive``, ``train``, ``plot``, ``audit``).
+
+Every option is validated before anything is written; a non-empty ``--out`` that this invocation did not
+create is refused unless ``--force``, and the demo never deletes anything (a previous demo's run in
+``--out`` is replaced by ``train --force``, which touches only the run's checkpoints and records).
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ def add_arguments(p) -> None:
     p.add_argument("--check-every", type=int, default=100, help="identity checks every K steps (default 100)")
     p.add_argument("--audit-batch", type=int, default=32, help="batch of the audit's identity checks (default 32)")
     p.add_argument("--derive-only", action="store_true", help="stop after the derivations")
+    p.add_argument("--force", action="store_true",
+                   help="reuse a non-empty --out (e.g. a previous demo's): its outputs are replaced")
 
 
 def _section(title: str) -> None:
@@ -54,14 +60,29 @@ def _derive(out: Path) -> None:
         (out / "torch" / f"{name}.py").write_text(emit(d))
 
 
+def _validate(args) -> None:
+    """Every option the later stages take, checked before the demo writes anything."""
+    from symtools.cli.common import check_out_dir, require
+    from symtools.nn.models import MODEL_NAMES
+
+    if args.model not in MODEL_NAMES:
+        raise SymtoolsError(f"unknown model {args.model!r}; choose one of {', '.join(MODEL_NAMES)}")
+    for name, value, least in (("--steps", args.steps, 1), ("--batch", args.batch, 1),
+                               ("--check-every", args.check_every, 0), ("--audit-batch", args.audit_batch, 2)):
+        if value < least:
+            raise SymtoolsError(f"{name} must be at least {least}, got {value}")
+    if not args.derive_only:
+        require("matplotlib", "matplotlib", "plotting the run and the audit report")
+    check_out_dir(args.out, force=args.force)
+
+
 def run(args) -> int:
+    from symtools.cli.common import make_out_dir
     from symtools.cli.main import main as cli
 
+    _validate(args)
     out = Path(args.out)
-    try:
-        (out / "torch").mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise SymtoolsError(f"cannot create {out}: {exc.strerror}") from None
+    make_out_dir(str(out / "torch"))
     started = time.perf_counter()
     _section("1. Derive: symmetry → generator, identities, conserved quantity, torch code")
     _derive(out)
@@ -69,15 +90,11 @@ def run(args) -> int:
     outputs = [("torch modules", out / "torch")]
     if not args.derive_only:
         run_dir = out / "run"
-        if run_dir.exists():
-            import shutil
-
-            shutil.rmtree(run_dir)
         _section(f"2. Train {args.model} on the bundled digits with the conservation-law monitor")
         code = cli(["train", "--model", args.model, "--data", "digits", "--input", "32", "--steps", str(args.steps),
                     "--batch", str(args.batch), "--lr", "0.1", "--wd", "5e-4", "--stride", "10",
                     "--check-every", str(args.check_every), "--checkpoint-every", str(max(1, args.steps // 2)),
-                    "--out", str(run_dir)])
+                    "--out", str(run_dir)] + (["--force"] if args.force else []))
         if code:
             return code
         _section("3. Plot the run")

@@ -15,7 +15,10 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    from symtools.cli.common import require
     from symtools.plots import plot_run
+
+    require("matplotlib", "matplotlib", "plotting")
 
     written, notes = plot_run(args.run, args.out, families=args.families, max_groups=args.max_groups)
     for note in notes:

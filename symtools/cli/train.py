@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from symtools.cli.common import parse_device
+from symtools.cli.common import check_out_dir, make_out_dir, parse_device
 from symtools.errors import SymtoolsError
 
 HELP = "train a model with the conservation-law monitor (records, checkpoints, summary)"
@@ -31,7 +31,10 @@ def add_arguments(p) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the data order (default 0)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--out", required=True, help="run directory, e.g. runs/NAME")
+    p.add_argument("--out", required=True, help="run directory, e.g. runs/NAME; new or empty unless --resume/--force")
+    p.add_argument("--force", action="store_true",
+                   help="reuse a non-empty --out: a run in it is replaced (its checkpoints and records), other "
+                        "files are left alone")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -62,12 +65,16 @@ def run(args) -> int:
 
     if args.steps < 1:
         raise SymtoolsError(f"--steps must be at least 1, got {args.steps}")
+    if args.resume and args.force:
+        raise SymtoolsError("--resume continues the run in --out, --force replaces it: give one of them")
+    check_out_dir(args.out, force=args.force or args.resume, also=" (or --resume the run in it)")
     device = parse_device(args.device)
     batches = make_loader(args.data, args.batch, image_size=args.input, seed=args.seed)
     torch.manual_seed(args.seed)
     model = build_model(args.model, input_size=args.input, classes=batches.classes).to(device)
     optimizer = make_optimizer(args.optimizer, model.parameters(), args.lr, args.wd, args.momentum,
                                args.dampening, args.nesterov)
+    make_out_dir(args.out)  # every option is valid: only now is anything written
     x0, _ = batches.batch(0)
     symmetries = find_symmetries(model, x0[:1].to(device))
     monitor = Monitor(symmetries, stride=args.stride, check_every=args.check_every, seed=args.seed)
@@ -77,7 +84,7 @@ def run(args) -> int:
               "seed": args.seed, "steps": args.steps, "stride": args.stride, "check_every": args.check_every}
     summary = train(model, optimizer, batches, args.steps, device=device, out_dir=args.out,
                     checkpoint_every=args.checkpoint_every, callbacks=[monitor], progress=not args.quiet,
-                    resume=args.resume, config=config)
+                    resume=args.resume, overwrite=args.force, config=config)
     print(json.dumps({k: summary.get(k) for k in ("steps", "max_rel_residual_discrete",
                                                    "max_rel_residual_continuous", "final_loss")}, default=str),
           file=sys.stderr if args.quiet else sys.stdout)

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from symtools.checkpoints import unwrap_model as _unwrap
 from symtools.errors import SymtoolsError
 from symtools.nn.groups import GroupSet, SymmetryMap
 from symtools.numeric.groupops import ACC, CPU_BLOCK, Combination, ViewCache, elements_per_group, reduce_terms
@@ -89,10 +90,6 @@ def _group_kind(pg: dict) -> str | None:
     if pg.get("momentum", 0) == 0:
         return "sgd"
     return "nesterov" if pg.get("nesterov") else "momentum"
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "module", model)  # DistributedDataParallel / DataParallel
 
 
 def _blockwise(fn, out: Tensor, *inputs: Tensor) -> Tensor:
