@@ -109,7 +109,7 @@ def _as_slice(item: Any) -> TensorSlice:
 
 
 def bind(model: nn.Module, family: str, layer: str, slots: Mapping[str, Sequence[Any]], count: int,
-         note: str = "", epsilon_of: str | None = None) -> GroupSet:
+         note: str = "", epsilon_of: str | None = None, epsilon_factor: float = -2.0) -> GroupSet:
     """A :class:`GroupSet` of ``count`` groups of ``family``, checked against ``model``'s parameters.
 
     ``slots`` maps each slot name to its tensors: :class:`TensorSlice` or ``(param, axis[, shape])``.
@@ -117,7 +117,9 @@ def bind(model: nn.Module, family: str, layer: str, slots: Mapping[str, Sequence
     ``axis`` is an axis of that view whose size is ``count`` (``axis=None``, the whole tensor, needs
     ``count == 1``). Example: ``bind(model, "rescale", "fc0 → fc1", {"x_in": [("fc0.weight", 0),
     ("fc0.bias", 0)], "x_out": [("fc1.weight", 1)]}, count=16)``. ``epsilon_of``: the BatchNorm (or LayerNorm)
-    whose ε breaks a scale group (see :class:`GroupSet`).
+    whose ε breaks a scale group, and ``epsilon_factor`` the c of its law ⟨g_A, θ_A⟩ = c·ε·∂L/∂ε (−2 for a
+    path of degree 1; :func:`symtools.symbolic.normalization.epsilon_factor` derives it for degree k: −2k);
+    see :class:`GroupSet`.
     """
     if not isinstance(family, str) or not family:
         raise SymtoolsError(f"family must be a non-empty name, got {family!r}")
@@ -125,6 +127,9 @@ def bind(model: nn.Module, family: str, layer: str, slots: Mapping[str, Sequence
         raise SymtoolsError(f"count must be a positive integer, got {count!r}")
     if not slots:
         raise SymtoolsError(f"{family} at {layer}: no slots given")
+    if isinstance(epsilon_factor, bool) or not isinstance(epsilon_factor, (int, float)) \
+            or not math.isfinite(epsilon_factor):
+        raise SymtoolsError(f"{family} at {layer}: epsilon_factor must be a finite number, got {epsilon_factor!r}")
     if epsilon_of is not None and not isinstance(dict(model.named_modules()).get(epsilon_of),
                                                  BATCH_NORMS + (nn.LayerNorm,)):
         raise SymtoolsError(f"{family} at {layer}: epsilon_of={epsilon_of!r} is not a BatchNorm or LayerNorm "
@@ -140,7 +145,8 @@ def bind(model: nn.Module, family: str, layer: str, slots: Mapping[str, Sequence
         for ts in tensors:
             _check_slice(ts, params, count, f"{family} at {layer}, slot {slot!r}")
         bound[slot] = tensors
-    return GroupSet(family=family, layer=layer, count=count, slots=bound, note=note, epsilon_of=epsilon_of)
+    return GroupSet(family=family, layer=layer, count=count, slots=bound, note=note, epsilon_of=epsilon_of,
+                    epsilon_factor=float(epsilon_factor))
 
 
 def _check_slice(ts: TensorSlice, params: Mapping[str, torch.Tensor], count: int, where: str) -> None:
@@ -235,8 +241,9 @@ class _Walk:
             self.found.blocked.append(Blocked(name, reason))
 
     def add(self, family: str, layer: str, count: int, slots: dict[str, list[TensorSlice]], note: str,
-            epsilon_of: str | None = None) -> None:
-        self.found.group_sets.append(bind(self.model, family, layer, slots, count, note, epsilon_of))
+            epsilon_of: str | None = None, epsilon_factor: float = -2.0) -> None:
+        self.found.group_sets.append(bind(self.model, family, layer, slots, count, note, epsilon_of,
+                                          epsilon_factor))
 
     def module(self, node: fx.Node) -> nn.Module | None:
         return self.gm.get_submodule(node.target) if node.op == "call_module" else None
@@ -382,11 +389,13 @@ class _Walk:
             if path.spatial is not None or path.axis != 1 or norm.num_features != src.channels:
                 self.block(nxt, f"no symmetry assumed: {nxt.target} does not normalise the units of {src.name}")
                 return
-            # BN's ε breaks the scale exactly: L(a·θ_A; ε) = L(θ_A; ε/a^(2k)) for a path of degree k. The
-            # consumers of `epsilon_of` predict the k = 1 term (−2ε·∂L/∂ε), so it is set for k = 1 only.
-            self.add("scale", label, src.channels, {"x": [TensorSlice(p, 0) for p in src.rows]},
-                     f"per channel, through {path.describe()}; BN with batch statistics removes the scale",
-                     epsilon_of=str(nxt.target) if path.degree == 1 else None)
+            # BN's ε breaks the scale exactly: L(a·θ_A; ε) = L(θ_A; ε/a^(2k)) for a path of degree k, so
+            # ⟨g_A, θ_A⟩ = c·ε·∂L/∂ε with c = −2k, derived by the engine (no ε law: no scale group)
+            factor = self.epsilon_factor(src, path, nxt, "batch")
+            if factor is not None:
+                self.add("scale", label, src.channels, {"x": [TensorSlice(p, 0) for p in src.rows]},
+                         f"per channel, through {path.describe()}; BN with batch statistics removes the scale",
+                         epsilon_of=str(nxt.target), epsilon_factor=factor)
             if path.shifts and src.shift:
                 self.add("translation", label, src.channels, {"x": [TensorSlice(p, 0) for p in src.shift]},
                          "per channel; BN with batch statistics removes the channel mean")
@@ -396,11 +405,26 @@ class _Walk:
             self.block(nxt, f"no symmetry assumed through {self.describe(nxt)}: it does not normalise exactly "
                             f"the units of {src.name}")
             return
-        self.add("scale", label, 1, {"x": [TensorSlice(p, None) for p in src.rows]},
-                 f"the whole layer, through {path.describe()}; LayerNorm removes a common scale",
-                 epsilon_of=str(nxt.target) if path.degree == 1 else None)  # LN's ε breaks it like BN's
+        factor = self.epsilon_factor(src, path, nxt, "layer")  # LN's ε breaks it like BN's
+        if factor is not None:
+            self.add("scale", label, 1, {"x": [TensorSlice(p, None) for p in src.rows]},
+                     f"the whole layer, through {path.describe()}; LayerNorm removes a common scale",
+                     epsilon_of=str(nxt.target), epsilon_factor=factor)
         if path.shifts:
             self.uniform_translation(src, label, "LayerNorm removes the per-sample mean")
+
+    def epsilon_factor(self, src: _Source, path: _Path, nxt: fx.Node, norm: str) -> float | None:
+        """c of the ε law ⟨g_A, θ_A⟩ = c·ε·∂L/∂ε of a scale group reaching norm ``nxt`` through ``path``,
+        derived by :func:`symtools.symbolic.normalization.epsilon_law` (cached); None (and the walk blocked
+        there) when the engine cannot derive one."""
+        from symtools.symbolic.normalization import EpsilonLawError, epsilon_factor  # SymPy only when needed
+
+        try:
+            return epsilon_factor(path.degree, norm)
+        except EpsilonLawError as exc:
+            self.block(nxt, f"no scale symmetry assumed for {src.name} → {nxt.target} through "
+                            f"{path.describe()}: {exc}")
+            return None
 
     def at_output(self, src: _Source, path: _Path, out: fx.Node, node: fx.Node) -> None:
         if self.loss != "cross_entropy":

@@ -37,9 +37,14 @@ class GroupSet:
     count: int
     slots: Mapping[str, tuple[TensorSlice, ...]]
     note: str = ""
-    #: name of the BatchNorm module whose ε breaks this group's symmetry exactly (scale groups feeding a
-    #: BatchNorm), or None. The checker and the monitor add the predicted ε term −2ε·∂L/∂ε_c.
+    #: name of the BatchNorm (or LayerNorm) module whose ε breaks this group's symmetry exactly (scale groups
+    #: feeding a norm), or None. The checker (and the monitor through it) adds the predicted ε term.
     epsilon_of: str | None = None
+    #: c of that ε law, ⟨g_A, θ_A⟩ = c·ε·∂L/∂ε_c: scaling θ_A by a scales the norm's input by a^k (k the
+    #: path's homogeneity degree), which ε' = ε·a^(−2k) undoes, so c = −2k, derived by
+    #: :func:`symtools.symbolic.normalization.epsilon_factor` (−2 for the usual degree-1 path, −4 for
+    #: Linear → z² → BatchNorm). Read only where ``epsilon_of`` is set.
+    epsilon_factor: float = -2.0
 
     def params(self) -> list[str]:
         return sorted({t.param for ts in self.slots.values() for t in ts})
