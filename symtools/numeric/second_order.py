@@ -25,6 +25,7 @@ from torch.func import functional_call
 from symtools.numeric.bn_epsilon import batch_norm_batch_stats
 from symtools.numeric.conv_hessian import fast_second_order
 from symtools.numeric.evaluation import _loss_function, batchnorm_modules, evaluation_mode
+from symtools.numeric.roundoff import TermMagnitudes, loss_terms
 
 
 class SecondOrder:
@@ -40,7 +41,7 @@ class SecondOrder:
 
     def __init__(self, model: nn.Module, inputs: Tensor, targets: Tensor, *, loss="cross_entropy",
                  bn: str = "batch", weight_decay: float = 0.0, params: Mapping[str, Tensor] | None = None,
-                 create_graph: bool = True, bias_term_sizes: Iterable[str] = ()):
+                 create_graph: bool = True, bias_term_sizes: Iterable[str] = (), magnitudes: bool = False):
         self.model = model
         base = dict(model.named_parameters()) if params is None else dict(params)
         self.params = {k: p.detach().requires_grad_(True) for k, p in base.items()}
@@ -59,6 +60,12 @@ class SecondOrder:
             owner, _, attr = pname.rpartition(".")
             if attr == "bias":
                 hooks.append(model.get_submodule(owner).register_forward_hook(self._make_size_hook(pname)))
+        self.magnitudes = None
+        if magnitudes:  # after the normalisation hooks above: the sites see the outputs used
+            self.magnitudes = TermMagnitudes(self.params, bn_batch=(bn == "batch"), weight_decay=weight_decay,
+                                             eps_leaves=self.eps)
+            hooks += self.magnitudes.hooks(model)
+        self._loss, self._targets = loss, targets
         try:
             # a graph to differentiate twice: convolutions' second derivatives from the standard kernels
             twice = fast_second_order() if create_graph else contextlib.nullcontext()
@@ -73,7 +80,15 @@ class SecondOrder:
         self.loss = value.detach()
         self.outputs = out.detach()
         leaves = list(self.params.values()) + list(self.eps.values())
-        grads = torch.autograd.grad(value, leaves, create_graph=create_graph, allow_unused=True)
+        if self.magnitudes is not None:
+            self.magnitudes.watch_outputs(out)
+            self.magnitudes.phase = "first"
+        try:
+            grads = torch.autograd.grad(value, leaves, create_graph=create_graph,
+                                        retain_graph=create_graph or magnitudes, allow_unused=True)
+        finally:
+            if self.magnitudes is not None:
+                self.magnitudes.phase = "off"
         n = len(self.params)
         self._g = dict(zip(self.params, grads[:n]))
         self._g_eps = dict(zip(self.eps, grads[n:]))
@@ -126,8 +141,33 @@ class SecondOrder:
         """∂L/∂ε_c per BatchNorm (detached)."""
         return {k: (torch.zeros_like(self.eps[k]) if g is None else g.detach()) for k, g in self._g_eps.items()}
 
-    def hvp(self, vector: Mapping[str, Tensor], eps_weights: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
-        """H V + ∂θ⟨∂L/∂ε, w⟩ (all parameters; zeros where nothing depends). One second backward pass."""
+    def term_magnitudes(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Round-off scales of the gradient (:meth:`TermMagnitudes.first_order`); needs ``magnitudes=True``."""
+        first, _ = loss_terms(self._loss)
+        d = first(self.outputs, self._targets) if first is not None else None
+        return self.magnitudes.first_order(d)
+
+    def tangent_hvp(self, direction: Mapping[str, Tensor]):
+        """(H u, ∂ε⟨g_θ, u⟩ per ε leaf, A^H, E^H): one HVP along ``direction`` with the term magnitudes of
+        its computation (:meth:`TermMagnitudes.second_order`); needs ``magnitudes=True``."""
+        mags = self.magnitudes
+        self.term_magnitudes()
+        mags.reset_tangents()
+        mags.phase = "tangent"
+        try:
+            hv, h_eps = self.hvp(direction, with_eps=True)
+        finally:
+            mags.phase = "off"
+        _, tangent = loss_terms(self._loss)
+        d = (tangent(self.outputs, self._targets, mags.out_dot) if tangent is not None and mags.out_dot is not None
+             else None)
+        a_h, e_h = mags.second_order(d, direction)
+        return hv, h_eps, a_h, e_h
+
+    def hvp(self, vector: Mapping[str, Tensor], eps_weights: Mapping[str, Tensor] | None = None,
+            with_eps: bool = False):
+        """H V + ∂θ⟨∂L/∂ε, w⟩ (all parameters; zeros where nothing depends). One second backward pass.
+        ``with_eps``: also return ∂ε(⟨g_θ, V⟩ + ⟨∂L/∂ε, w⟩) per ε leaf (the mixed second derivatives)."""
         if not self.create_graph:
             raise RuntimeError("this SecondOrder was built with create_graph=False: gradients only, no HVPs")
         pairs = [(self._g[k], v) for k, v in vector.items()
@@ -137,13 +177,20 @@ class SecondOrder:
             if g is not None and g.requires_grad:
                 pairs.append((g, w))
         self.hvps += 1
+        eps_names = list(self.eps) if with_eps else []
         if not pairs:
-            return {k: torch.zeros_like(p) for k, p in self.params.items()}
+            zeros = {k: torch.zeros_like(p) for k, p in self.params.items()}
+            return (zeros, {k: torch.zeros_like(self.eps[k]) for k in eps_names}) if with_eps else zeros
         # ∂/∂θ Σ⟨g, v⟩ as one vector-Jacobian product of the gradients with the vectors (no elementwise g·v)
-        out = torch.autograd.grad([g for g, _ in pairs], list(self.params.values()),
+        inputs = list(self.params.values()) + [self.eps[k] for k in eps_names]
+        out = torch.autograd.grad([g for g, _ in pairs], inputs,
                                   grad_outputs=[v.to(g.dtype).expand_as(g) for g, v in pairs], retain_graph=True,
                                   allow_unused=True)
-        return {k: (torch.zeros_like(p) if o is None else o) for (k, p), o in zip(self.params.items(), out)}
+        n = len(self.params)
+        hv = {k: (torch.zeros_like(p) if o is None else o) for (k, p), o in zip(self.params.items(), out[:n])}
+        if not with_eps:
+            return hv
+        return hv, {k: (torch.zeros_like(self.eps[k]) if o is None else o.detach()) for k, o in zip(eps_names, out[n:])}
 
 
 def _layer_norm(x: Tensor, dims: int, weight: Tensor | None, bias: Tensor | None, eps: Tensor) -> Tensor:
