@@ -34,6 +34,11 @@ PLOTS = {
 # terminal
 
 
+def _verdict(d: dict) -> str:
+    """PASS / FAIL / INCONCLUSIVE of an identity report or one of its families."""
+    return (d.get("verdict") or ("pass" if d.get("pass") else "fail")).upper()
+
+
 def _fmt(x: Any, spec: str = ".3g") -> str:
     if x is None:
         width = re.match(r"[<>^]?(\d*)", spec).group(1)
@@ -78,15 +83,11 @@ def render_table(report: dict, max_rows: int | None = None) -> str:
     ident = report.get("identities")
     if ident:
         t = ident["tolerance"]
-        lines.append(f"identities ({t['dtype']}; tolerance gradient {t['gradient']:.1e}, Hessian {t['hessian']:.1e}):")
-        if not t.get("gradient_resolved", True):
-            where = t.get("unresolved_layers") or ["all layers"]
-            lines.append(f"  warning: {t['dtype']} round-off puts the gradient tolerance at ≥ 1 (where no residual can "
-                         f"fail) for {', '.join(where[:4])}{' …' if len(where) > 4 else ''}: not resolved there; "
-                         f"audit with --dtype float64 for those")
+        lines.append(f"identities ({t['dtype']}; each group against its round-off bound "
+                     f"{t.get('safety_factor', 0):g}·u·terms; ratio = |residual| / bound):")
         for fam, f in ident["families"].items():
-            lines.append(f"  {fam:<12}{f['groups']:>7} groups  grad max rel {f['gradient']['max_rel_residual']:.2e}"
-                         f"  Hess rel {f['hessian']['rel_residual']:.2e}  {'PASS' if f['pass'] else 'FAIL'}")
+            lines.append(f"  {fam:<12}{f['groups']:>7} groups  grad ratio {f['gradient'].get('max_ratio', 0):.2g}"
+                         f"  Hess ratio {f['hessian'].get('max_ratio', 0):.2g}  {_verdict(f)}")
     else:
         lines.append("identities: not checked")
     head = (f"{'family':<12}{'layer':<34}{'groups':>7}{'mean':>11}{'std':>10}{'min':>11}{'max':>11}"
@@ -127,7 +128,8 @@ def render_table(report: dict, max_rows: int | None = None) -> str:
     secs = report.get("seconds", {})
     verdict = "PASS" if report.get("pass") else "FAIL"
     lines.append(f"{verdict}: {len(report.get('flagged', []))} group sets flagged"
-                 + ("" if not ident else f", identities {'pass' if ident['pass'] else 'FAIL'}")
+                 + ("" if not ident else f", identities {_verdict(ident).lower()}"
+                    + (" (rerun with --dtype float64)" if ident.get("verdict") == "inconclusive" else ""))
                  + f" ({secs.get('total', 0.0):.1f} s)")
     return "\n".join(lines)
 
@@ -312,10 +314,12 @@ def _html(report: dict, images: list[tuple[str, str]]) -> str:
     ]
     ident = report.get("identities")
     if ident:
-        rows = [[e(f), str(v["groups"]), f"{v['gradient']['max_rel_residual']:.2e}",
-                 f"{v['hessian']['rel_residual']:.2e}", "PASS" if v["pass"] else "<span class='flag'>FAIL</span>"]
+        rows = [[e(f), str(v["groups"]), f"{v['gradient'].get('max_ratio', 0):.2g}",
+                 f"{v['hessian'].get('max_ratio', 0):.2g}",
+                 _verdict(v) if v["pass"] else f"<span class='flag'>{_verdict(v)}</span>"]
                 for f, v in ident["families"].items()]
-        parts.append("<h2>Identities</h2>" + _table(rows, ["family", "groups", "gradient max rel", "Hessian rel", ""]))
+        parts.append("<h2>Identities</h2>" + _table(rows, ["family", "groups", "gradient max ratio",
+                                                          "Hessian max ratio", ""]))
     rows = []
     for L in report.get("layers", []):
         c = L.get("charge") or {}

@@ -32,9 +32,9 @@ def add_arguments(p) -> None:
     p.add_argument("--report", metavar="DIR", help="write an HTML report with plots into DIR (replaced atomically)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--dtype", choices=DTYPES, default="float32",
-                   help="arithmetic of the identity checks: float32 (default; round-off floors measured against "
-                        "float64 on 4 samples), float64 (tolerances near 1e-11, ~3× the time on a CPU), or the "
-                        "weights' own dtype")
+                   help="arithmetic of the identity checks: float32 (default; each group against its round-off "
+                        "bound from the magnitudes of its terms), float64 (bounds 2^29 times tighter, ~2-3× the "
+                        "time on a CPU), or the weights' own dtype")
     p.add_argument("--no-identities", action="store_true", help="skip the gradient/Hessian identity checks")
     hp = p.add_argument_group("training hypothesis (instead of, or overriding, what --run/the checkpoint says)")
     hp.add_argument("--optimizer", choices=("sgd", "momentum", "nesterov", "adam", "adamw"),

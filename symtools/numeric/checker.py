@@ -49,7 +49,7 @@ from symtools.numeric.second_order import SecondOrder
 SAFETY = 4.0  # bound = SAFETY × unit round-off × term magnitudes (each × √(terms summed); docs/checker.md)
 GRAY = 10.0  # below float64, ratios in (1, GRAY] are inconclusive rather than failing
 DIRECTIONS = 2  # random directions of the per-group Hessian test (one HVP each)
-MAX_LISTED = 32  # failing groups listed per layer
+MAX_LOCATED = 32  # groups failing the Hessian test listed per layer under `hessian.located` (layers list all)
 
 VERDICTS = ("pass", "fail", "inconclusive", "no_groups")
 
@@ -68,6 +68,8 @@ class LayerResult:
     gradient_max_ratio: float = 0.0
     hessian_max_ratio: float = 0.0
     bound: str = "terms"  # "terms": round-off bound from term magnitudes; "gradient-sized": fallback
+    gradient_ratios: list[float] | None = None  # per group, with check(..., per_group=True)
+    hessian_ratios: list[float] | None = None
 
 
 @dataclass
@@ -166,14 +168,27 @@ class _Family:
 def _weighted_sum(module, kind: str, gs: GroupSet, params, grads, weight: Mapping[str, Tensor],
                   absolute: bool = False) -> Tensor:
     """Per group: Σ kind(θ, grads)·weight (or Σ |kind|·|weight|) over the group's elements."""
-    total = torch.zeros(gs.count, dtype=ACC, device=_device(params))
+    return _reductions(module, kind, gs, params, grads, [(weight, absolute)])[0]
+
+
+def _reductions(module, kind: str, gs: GroupSet, params, grads, specs) -> list[Tensor]:
+    """Per group, for each ``(weight, absolute)`` of ``specs``: Σ kind·weight, or Σ |kind|·|weight|, from ONE
+    evaluation of the generated function per tensor (products in the tensors' dtype, sums in float64; the
+    product's own rounding, u·|kind·weight|, is inside every bound's terms)."""
+    outs = [torch.zeros(gs.count, dtype=ACC, device=_device(params)) for _ in specs]
     for _, ts, val in groupops.evaluate(module, kind, gs, params, grads):
-        if ts.param not in weight:
-            continue
-        w = group_view(weight[ts.param], ts).to(ACC)
-        val = val.to(ACC)
-        total += ((val.abs() * w.abs()) if absolute else (val * w)).sum(dim=1)
-    return total
+        magnitude = None
+        for out, (weight, absolute) in zip(outs, specs):
+            if ts.param not in weight:
+                continue
+            w = group_view(weight[ts.param], ts)
+            if absolute:
+                magnitude = val.abs() if magnitude is None else magnitude
+                prod = magnitude * w.abs()
+            else:
+                prod = val * w
+            out += prod.sum(dim=1, dtype=ACC)
+    return outs
 
 
 def _device(params) -> torch.device:
@@ -188,13 +203,14 @@ def _covered(gs: GroupSet, mags: Mapping[str, Tensor]) -> bool:
 def check(model: nn.Module, inputs: Tensor, targets: Tensor, symmetries: SymmetryMap, *,
           loss="cross_entropy", bn: str = "batch", weight_decay: float = 0.0, dtype: torch.dtype | None = None,
           seed: int = 0, locate: bool = True, modules: Mapping[str, object] | None = None,
-          progress=None, directions: int = DIRECTIONS) -> CheckReport:
+          progress=None, directions: int = DIRECTIONS, per_group: bool = False) -> CheckReport:
     """Check the gradient and Hessian identities of every group in ``symmetries`` on one batch.
 
     ``model`` is not modified (a copy is converted when ``dtype`` differs). ``modules`` maps a family name to
     its generated code when it is not a built-in (e.g. a module from ``symtools derive --torch``).
     The random directions come from a private ``torch.Generator(seed)``. ``locate`` is accepted for
     compatibility: every group is tested on its own, so failing groups are always located.
+    ``per_group``: every group's ratios in the layer results (``gradient_ratios``, ``hessian_ratios``).
     On CUDA the whole check runs with TensorFloat-32 off (:func:`symtools.numeric.precision.ieee_float32`), so a
     float32 check measures float32, not TF32's 10-bit mantissa; the caller's flags are restored afterwards.
     """
@@ -231,17 +247,19 @@ def check(model: nn.Module, inputs: Tensor, targets: Tensor, symmetries: Symmetr
     grad_res = {}
     for fam in fams.values():
         for gs, info in zip(fam.sets, fam.eps_of):
-            r, raw = _gradient_residual(fam, gs, info, params, grads, eps_grads)
-            terms = _gradient_terms(fam, gs, info, params, grads, mags, eps_mags, g_rms)
-            grad_res[id(gs)] = (r, terms, raw)
+            grad_res[id(gs)] = _gradient_test(fam, gs, info, params, grads, eps_grads, mags, eps_mags, g_rms)
 
     # Hessian identities along random directions, all families per HVP
+    # each tensor's entries move by that tensor's RMS (every layer by a comparable relative amount); a tensor
+    # that is all zeros (biases at initialisation) by the RMS of all parameters, so its groups are tested too
+    rms = {k: float(p.detach().to(ACC).pow(2).mean().sqrt()) for k, p in params.items()}
+    overall = math.sqrt(sum(r * r * params[k].numel() for k, r in rms.items()) / n_el) or 1.0
+    scale = {k: r if r > 0 else overall for k, r in rms.items()}
     hess_ratio = {id(gs): None for fam in fams.values() for gs in fam.sets}
     hess_rel = dict(hess_ratio)
     for d in range(directions if fams else 0):
         say(f"HVP {d + 1}/{directions}: Hessian identities of every group along a random direction")
-        u = {k: torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device)
-             * float(p.detach().to(ACC).pow(2).mean().sqrt().clamp_min(1e-30))
+        u = {k: torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device) * scale[k]
              for k, p in params.items()}
         hv, h_eps, mags_h, eps_mags_h = so.tangent_hvp(u)
         hv = {k: v.detach() for k, v in hv.items()}
@@ -259,7 +277,8 @@ def check(model: nn.Module, inputs: Tensor, targets: Tensor, symmetries: Symmetr
 
     families = {}
     for name, fam in fams.items():
-        families[name] = _family_result(fam, grad_res, hess_ratio, hess_rel, bound_rel, gray, mags, directions)
+        families[name] = _family_result(fam, grad_res, hess_ratio, hess_rel, bound_rel, gray, mags, directions,
+                                        per_group)
 
     return CheckReport(
         families=families,
@@ -283,46 +302,51 @@ def check(model: nn.Module, inputs: Tensor, targets: Tensor, symmetries: Symmetr
     )
 
 
+def _ones(gs: GroupSet, params) -> dict[str, Tensor]:
+    return {ts.param: torch.ones_like(params[ts.param]) for t in gs.slots.values() for ts in t}
+
+
 def _gradient_residual(fam: _Family, gs: GroupSet, eps_info, params, grads, eps_grads):
     """Per group: (⟨g, v⟩ with the exact ε term removed where the group feeds a norm, the uncorrected ⟨g, v⟩
     or None)."""
     r = _weighted_sum(fam.module, "generator", gs, params, None, grads)
+    return _epsilon_corrected(r, gs, eps_info, eps_grads)
+
+
+def _epsilon_corrected(r: Tensor, gs: GroupSet, eps_info, eps_grads):
     if eps_info is None:
         return r, None
     norm, eps, factor = eps_info
-    return r + factor * eps * eps_grads[norm].to(ACC), r  # ⟨g_A, θ_A⟩ = c·ε·∂L/∂ε, factor = −c
+    return r + factor * eps * eps_grads[norm].to(ACC).reshape(-1).expand(gs.count), r  # ⟨g_A, θ_A⟩ = c·ε·∂L/∂ε
 
 
-def _gradient_terms(fam: _Family, gs: GroupSet, eps_info, params, grads, mags, eps_mags, g_rms) -> Tensor:
-    """Per group: T = Σ|v|·A (+ |c|ε·E for the ε term) + Σ|g·v|; a gradient-sized fallback (Σ|g·v| +
-    g_rms·Σ|v|) for groups touching parameters without term magnitudes."""
-    terms = _weighted_sum(fam.module, "generator", gs, params, None, grads, absolute=True)
-    if _covered(gs, mags):
-        terms = terms + _weighted_sum(fam.module, "generator", gs, params, None, mags, absolute=True)
-    else:
-        ones = {ts.param: torch.ones_like(params[ts.param]) for t in gs.slots.values() for ts in t}
-        terms = terms + g_rms * _weighted_sum(fam.module, "generator", gs, params, None, ones, absolute=True)
-    if eps_info is not None:
+def _gradient_test(fam: _Family, gs: GroupSet, eps_info, params, grads, eps_grads, mags, eps_mags, g_rms):
+    """Per group: (residual r, its terms T, the uncorrected residual or None). T = Σ|g·v| + Σ|v|·A (+ |c|ε·E
+    for the ε term); a gradient-sized fallback Σ|g·v| + g_rms·Σ|v| for groups touching parameters without
+    term magnitudes."""
+    covered = _covered(gs, mags)
+    r, terms, extra = _reductions(fam.module, "generator", gs, params, None,
+                                  [(grads, False), (grads, True), (mags if covered else _ones(gs, params), True)])
+    terms = terms + (extra if covered else g_rms * extra)
+    r, raw = _epsilon_corrected(r, gs, eps_info, eps_grads)
+    if eps_info is not None and eps_info[0] in eps_mags:
         norm, eps, factor = eps_info
-        if norm in eps_mags:
-            terms = terms + abs(factor) * eps * eps_mags[norm].to(ACC).reshape(-1).expand(gs.count)
-    return terms
+        terms = terms + abs(factor) * eps * eps_mags[norm].to(ACC).reshape(-1).expand(gs.count)
+    return r, terms, raw
 
 
 def _hessian_residual(fam: _Family, gs: GroupSet, eps_info, params, grads, hv, h_eps, u, mags, mags_h,
                       eps_mags_h, hv_rms) -> tuple[Tensor, Tensor]:
-    """Per group: (ρ = ⟨Hu, v⟩ + ⟨u, K g⟩ (+ the ε term's derivative), its terms T^H)."""
-    rho = _weighted_sum(fam.module, "generator", gs, params, None, hv)
-    rho = rho + _weighted_sum(fam.module, "hessian_coupling", gs, params, grads, u)
-    terms = (_weighted_sum(fam.module, "generator", gs, params, None, hv, absolute=True)
-             + _weighted_sum(fam.module, "hessian_coupling", gs, params, grads, u, absolute=True))
-    if _covered(gs, mags) and _covered(gs, mags_h):
-        terms = terms + _weighted_sum(fam.module, "generator", gs, params, None, mags_h, absolute=True)
-        # K applied to the gradient's own round-off scale: |u|·|K A|
+    """Per group: (ρ = ⟨Hu, v⟩ + ⟨u, K g⟩ (+ the ε term's derivative), its terms T^H = Σ|Hu·v| + Σ|v|·A^H +
+    Σ|u·K g| + Σ|u|·|K A| (+ |c|ε·E^H); a gradient-sized fallback without term magnitudes)."""
+    covered = _covered(gs, mags) and _covered(gs, mags_h)
+    rho, terms, extra = _reductions(fam.module, "generator", gs, params, None,
+                                    [(hv, False), (hv, True), (mags_h if covered else _ones(gs, params), True)])
+    terms = terms + (extra if covered else hv_rms * extra)
+    k_rho, k_terms = _reductions(fam.module, "hessian_coupling", gs, params, grads, [(u, False), (u, True)])
+    rho, terms = rho + k_rho, terms + k_terms
+    if covered:  # K applied to the gradient's own round-off scale
         terms = terms + _weighted_sum(fam.module, "hessian_coupling", gs, params, mags, u, absolute=True)
-    else:
-        ones = {ts.param: torch.ones_like(params[ts.param]) for t in gs.slots.values() for ts in t}
-        terms = terms + hv_rms * _weighted_sum(fam.module, "generator", gs, params, None, ones, absolute=True)
     if eps_info is not None:
         norm, eps, factor = eps_info
         if norm in h_eps:
@@ -332,7 +356,8 @@ def _hessian_residual(fam: _Family, gs: GroupSet, eps_info, params, grads, hv, h
     return rho, terms
 
 
-def _family_result(fam: _Family, grad_res, hess_ratio, hess_rel, bound_rel, gray, mags, directions) -> FamilyResult:
+def _family_result(fam: _Family, grad_res, hess_ratio, hess_rel, bound_rel, gray, mags, directions,
+                   per_group: bool = False) -> FamilyResult:
     layers: list[LayerResult] = []
     counts = {"g_fail": 0, "g_inc": 0, "h_fail": 0, "h_inc": 0}
     worst = {"g_rel": 0.0, "g_ratio": 0.0, "h_rel": 0.0, "h_ratio": 0.0}
@@ -356,14 +381,15 @@ def _family_result(fam: _Family, grad_res, hess_ratio, hess_rel, bound_rel, gray
         counts["g_inc"] += int(g_inc.sum())
         counts["h_fail"] += int(h_fail.sum())
         counts["h_inc"] += int(h_inc.sum())
-        for j in torch.nonzero(h_fail).flatten().tolist()[:MAX_LISTED]:
+        for j in torch.nonzero(h_fail).flatten().tolist()[:MAX_LOCATED]:
             located.append({"layer": gs.layer, "set": fam.sets.index(gs), "group": j})
         mx = (lambda t: float(t.max()) if t.numel() else 0.0)
         worst["g_rel"], worst["g_ratio"] = max(worst["g_rel"], mx(g_rel)), max(worst["g_ratio"], mx(g_ratio))
         worst["h_rel"], worst["h_ratio"] = max(worst["h_rel"], mx(h_rel)), max(worst["h_ratio"], mx(h_ratio))
-        layers.append(LayerResult(gs.layer, fam.name, gs.count, mx(g_rel), mx(h_rel), eps_rel, failing[:MAX_LISTED],
-                                  bound_rel, inconclusive[:MAX_LISTED], mx(g_ratio), mx(h_ratio),
-                                  "terms" if _covered(gs, mags) else "gradient-sized"))
+        layers.append(LayerResult(gs.layer, fam.name, gs.count, mx(g_rel), mx(h_rel), eps_rel, failing,
+                                  bound_rel, inconclusive, mx(g_ratio), mx(h_ratio),
+                                  "terms" if _covered(gs, mags) else "gradient-sized",
+                                  g_ratio.tolist() if per_group else None, h_ratio.tolist() if per_group else None))
     eps_summary = None
     if worst_eps is not None:
         eps_summary = {"max_rel_breaking": worst_eps,

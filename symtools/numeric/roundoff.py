@@ -82,8 +82,26 @@ def _affine(module: nn.Module, x: Tensor, w: Tensor) -> Tensor:
     return module._conv_forward(x, w, None)
 
 
+_CONV_GRADS = {nn.Conv1d: (torch.nn.grad.conv1d_input, torch.nn.grad.conv1d_weight),
+               nn.Conv2d: (torch.nn.grad.conv2d_input, torch.nn.grad.conv2d_weight),
+               nn.Conv3d: (torch.nn.grad.conv3d_input, torch.nn.grad.conv3d_weight)}
+
+
+def _direct(module) -> tuple | None:
+    """The convolution's own backward kernels (input, weight gradient) when it pads with zeros by numbers."""
+    grads = _CONV_GRADS.get(type(module))
+    if grads is None or module.padding_mode != "zeros" or isinstance(module.padding, str):
+        return None
+    return grads
+
+
 def _affine_input_terms(module, x: Tensor, w_abs: Tensor, upstream: Tensor) -> Tensor:
     """|W|ᵀ·upstream: the magnitudes of the products whose sum is the input gradient."""
+    if isinstance(module, nn.Linear):
+        return upstream @ w_abs
+    direct = _direct(module)
+    if direct is not None:
+        return direct[0](x.shape, w_abs, upstream, module.stride, module.padding, module.dilation, module.groups)
     t = torch.zeros_like(x, requires_grad=True)
     with torch.enable_grad():
         (out,) = torch.autograd.grad(_affine(module, t, w_abs), t, upstream)
@@ -92,6 +110,11 @@ def _affine_input_terms(module, x: Tensor, w_abs: Tensor, upstream: Tensor) -> T
 
 def _affine_weight_terms(module, x_abs: Tensor, w: Tensor, upstream: Tensor) -> Tensor:
     """Σ_{samples, positions} upstream ⊗ |x|: the magnitudes of the products whose sum is the weight gradient."""
+    if isinstance(module, nn.Linear):
+        return upstream.reshape(-1, upstream.shape[-1]).T @ x_abs.reshape(-1, x_abs.shape[-1])
+    direct = _direct(module)
+    if direct is not None:
+        return direct[1](x_abs, w.shape, upstream, module.stride, module.padding, module.dilation, module.groups)
     wl = torch.zeros_like(w, requires_grad=True)
     with torch.enable_grad():
         (out,) = torch.autograd.grad(_affine(module, x_abs, wl), wl, upstream)
