@@ -18,7 +18,7 @@ median Σ|g·v| of its scale group. A breaking of strength ``s`` (``checks/injec
 (c) ``wrong-generator``: that rescale set is declared as its own family whose action on ``x_out`` is
     ``x_out·a^-(1+s)`` for group ``c`` (generator ``v + s·w``, ``w = (0, −θ_out)``), ``x_out/a`` otherwise.
 
-For each injection and dtype, s is scanned over the decades 1e-1 … 1e-9 from the top until the target is
+For each injection and dtype, s is scanned over the decades 1e-1 … 1e-15 from the top until the target is
 not reported (``--full-scan``: all decades), then the bracket [first miss, last detection] is bisected on
 log s ``--refine`` times. "Detected" means the target group is in its layer's failing list. Reported: the
 smallest detected s, the bracket, which identity detected it there (``gradient``: the layer's gradient
@@ -59,7 +59,7 @@ from symtools.training import checkpoint_path
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "Checker detection limits"
 INJECTIONS = ("bn-eval", "tanh", "wrong-generator")
-DECADES = [10.0 ** -k for k in range(1, 10)]
+DECADES = [10.0 ** -k for k in range(1, 16)]
 
 
 def say(msg: str) -> None:
@@ -194,7 +194,7 @@ def table(results: list[dict]) -> str:
              "families | others: max residual/tol | others failing |", "|" + "---|" * 9]
     for r in results:
         hit = "not at s = 1" if r["smallest_detected"] is None else f"{r['smallest_detected']:.2g}"
-        miss = "none ≥ 1e-9" if r["largest_missed"] is None else f"{r['largest_missed']:.2g}"
+        miss = "none ≥ 1e-15" if r["largest_missed"] is None else f"{r['largest_missed']:.2g}"
         lines.append(f"| {r['injection']} | {r['dtype']} | {hit} | {miss} | {fmt(r['extrapolated_limit'])} | "
                      f"{r['by'] or '—'} | {', '.join(r['families']) or '—'} | {fmt(r['others_max_ratio'])} | "
                      f"{r['others_failing_max']} |")
@@ -255,7 +255,7 @@ def main(argv=None) -> int:
         header = (f"## {SECTION}\n\nMeasured by `checks/sensitivity.py`: {args.model} ({label}), batch {args.batch}, "
                   f"one group broken with strength s at channel {where[-1]} of {out['layers']['scale']} (BN-eval "
                   f"mix: its scale and translation groups) and of {out['layers']['rescale']} (tanh mix, wrong "
-                  f"generator: its rescale group); decades 1e-1 … 1e-9 from the top, then {args.refine} bisections "
+                  f"generator: its rescale group); decades 1e-1 … 1e-15 from the top, then {args.refine} bisections "
                   f"on log s ({out['seconds'] / 60:.0f} min). 'others' is over every check of the scan and must "
                   f"stay < 1 and 0.\n\n{mach}\n\n")
         benchdoc.update_doc(Path(doc), SECTION, header + text + "\n")

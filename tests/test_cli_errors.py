@@ -245,3 +245,25 @@ def test_monitor_and_training_unwrap_only_real_wrappers(tmp_path):
     resumed = train(model2, opt2, batches, 3, out_dir=tmp_path / "run", progress=False, resume=True)
     assert resumed["start_step"] == 3
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model2.state_dict().values()))
+
+
+def test_demo_exits_1_when_its_final_audit_does_not_pass(tmp_path, monkeypatch, capsys):
+    """The demo lists its outputs and then exits with the audit's 1, never 0, when the audit does not pass
+    (issue 11: a demo whose own audit printed FAIL exited 0). The stages are stubbed: only the exit logic runs."""
+    import symtools.cli.main as cli_main
+    import symtools.training as training
+    from symtools.cli.main import main
+
+    real_main = main
+    calls = []
+
+    def fake(argv):
+        calls.append(argv[0])
+        return 1 if argv[0] == "audit" else 0
+    monkeypatch.setattr(cli_main, "main", fake)
+    monkeypatch.setattr(training, "latest_checkpoint", lambda run_dir: run_dir / "step_000004.pt")
+    code = real_main(["demo", "--out", str(tmp_path / "d"), "--model", "vgg11_bn", "--steps", "4", "--batch", "8",
+                 "--check-every", "2", "--audit-batch", "8"])
+    assert calls == ["train", "plot", "audit"] and code == 1
+    captured = capsys.readouterr()
+    assert "audit JSON" in captured.out and "final audit did not pass" in captured.err

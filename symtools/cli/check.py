@@ -136,8 +136,9 @@ def render_table(out: dict) -> str:
              f"bound per group: {t['safety_factor']:g} × u ({t['unit_roundoff']:.1e}) × the magnitudes of the terms "
              f"each identity sums (× √terms per sum); ratio = |residual| / bound"
              + ("" if t["gray_zone"] == 1 else f", FAIL above {t['gray_zone']:g}, inconclusive in (1, {t['gray_zone']:g}]"),
-             f"detection limit: a breaking is seen once its residual exceeds ~{t['relative']:.1e}·√n of its terms' size "
-             f"(measured on VGG-16-BN: docs/checker.md, 'Sensitivity')",
+             f"detection limit: a group is flagged once its residual exceeds its bound, i.e. a relative breaking of "
+             f"~{t['relative']:.0e}·√n of its terms' size (n: terms per sum); measured by injecting a breaking into one "
+             f"group of VGG-16-BN: docs/benchmarks.md, 'Checker detection limits'",
              f"{'family':<12}{'groups':>8}{'grad max rel':>14}{'ratio':>8}{'Hess max rel':>14}{'ratio':>8}  result"]
     for name, f in out["families"].items():
         lines.append(f"{name:<12}{f['groups']:>8}{f['gradient']['max_rel_residual']:>14.2e}"

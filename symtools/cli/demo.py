@@ -15,6 +15,7 @@ create is refused unless ``--force``, and the demo never deletes anything (a pre
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -88,6 +89,7 @@ def run(args) -> int:
     _derive(out)
     print(f"\nderived {len(DEMO_SPECS)} symmetries in {time.perf_counter() - started:.1f} s")
     outputs = [("torch modules", out / "torch")]
+    audit_code = 0
     if not args.derive_only:
         run_dir = out / "run"
         _section(f"2. Train {args.model} on the bundled digits with the conservation-law monitor")
@@ -112,7 +114,10 @@ def run(args) -> int:
                     ("audit JSON", out / "audit.json")]
         if code not in (0, 1):
             return code
+        audit_code = code
     _section(f"Done in {time.perf_counter() - started:.0f} s. Outputs")
     for what, path in outputs:
         print(f"  {what:<52} {path}")
-    return 0
+    if audit_code:  # the outputs are listed either way; a demo whose audit did not pass does not exit 0
+        print(f"symtools demo: the final audit did not pass (see {out / 'audit.json'})", file=sys.stderr)
+    return audit_code

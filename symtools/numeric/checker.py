@@ -237,43 +237,46 @@ def check(model: nn.Module, inputs: Tensor, targets: Tensor, symmetries: Symmetr
 
     say("gradient, first-order graph and term magnitudes")
     so = SecondOrder(model, inputs, targets, loss=loss, bn=bn, weight_decay=weight_decay, magnitudes=True)
-    params = {k: p.detach() for k, p in so.params.items()}
-    grads, eps_grads = so.grad, so.grad_eps
-    mags, eps_mags = so.term_magnitudes()
-    n_el = max(1, sum(g.numel() for g in grads.values()))
-    g_rms = _norm(grads) / math.sqrt(n_el)
+    try:
+        params = {k: p.detach() for k, p in so.params.items()}
+        grads, eps_grads = so.grad, so.grad_eps
+        mags, eps_mags = so.term_magnitudes()
+        n_el = max(1, sum(g.numel() for g in grads.values()))
+        g_rms = _norm(grads) / math.sqrt(n_el)
 
-    # gradient identities: (residual, terms T) per group set
-    grad_res = {}
-    for fam in fams.values():
-        for gs, info in zip(fam.sets, fam.eps_of):
-            grad_res[id(gs)] = _gradient_test(fam, gs, info, params, grads, eps_grads, mags, eps_mags, g_rms)
-
-    # Hessian identities along random directions, all families per HVP
-    # each tensor's entries move by that tensor's RMS (every layer by a comparable relative amount); a tensor
-    # that is all zeros (biases at initialisation) by the RMS of all parameters, so its groups are tested too
-    rms = {k: float(p.detach().to(ACC).pow(2).mean().sqrt()) for k, p in params.items()}
-    overall = math.sqrt(sum(r * r * params[k].numel() for k, r in rms.items()) / n_el) or 1.0
-    scale = {k: r if r > 0 else overall for k, r in rms.items()}
-    hess_ratio = {id(gs): None for fam in fams.values() for gs in fam.sets}
-    hess_rel = dict(hess_ratio)
-    for d in range(directions if fams else 0):
-        say(f"HVP {d + 1}/{directions}: Hessian identities of every group along a random direction")
-        u = {k: torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device) * scale[k]
-             for k, p in params.items()}
-        hv, h_eps, mags_h, eps_mags_h = so.tangent_hvp(u)
-        hv = {k: v.detach() for k, v in hv.items()}
-        hv_rms = _norm(hv) / math.sqrt(n_el)
+        # gradient identities: (residual, terms T) per group set
+        grad_res = {}
         for fam in fams.values():
             for gs, info in zip(fam.sets, fam.eps_of):
-                rho, terms = _hessian_residual(fam, gs, info, params, grads, hv, h_eps, u, mags, mags_h,
-                                               eps_mags_h, hv_rms)
-                ratio = rho.abs() / (bound_rel * terms).clamp_min(1e-300)
-                rel = rho.abs() / terms.clamp_min(1e-300)
-                key = id(gs)
-                hess_ratio[key] = ratio if hess_ratio[key] is None else torch.maximum(hess_ratio[key], ratio)
-                hess_rel[key] = rel if hess_rel[key] is None else torch.maximum(hess_rel[key], rel)
-        del hv, mags_h
+                grad_res[id(gs)] = _gradient_test(fam, gs, info, params, grads, eps_grads, mags, eps_mags, g_rms)
+
+        # Hessian identities along random directions, all families per HVP
+        # each tensor's entries move by that tensor's RMS (every layer by a comparable relative amount); a tensor
+        # that is all zeros (biases at initialisation) by the RMS of all parameters, so its groups are tested too
+        rms = {k: float(p.detach().to(ACC).pow(2).mean().sqrt()) for k, p in params.items()}
+        overall = math.sqrt(sum(r * r * params[k].numel() for k, r in rms.items()) / n_el) or 1.0
+        scale = {k: r if r > 0 else overall for k, r in rms.items()}
+        hess_ratio = {id(gs): None for fam in fams.values() for gs in fam.sets}
+        hess_rel = dict(hess_ratio)
+        for d in range(directions if fams else 0):
+            say(f"HVP {d + 1}/{directions}: Hessian identities of every group along a random direction")
+            u = {k: torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device) * scale[k]
+                 for k, p in params.items()}
+            hv, h_eps, mags_h, eps_mags_h = so.tangent_hvp(u)
+            hv = {k: v.detach() for k, v in hv.items()}
+            hv_rms = _norm(hv) / math.sqrt(n_el)
+            for fam in fams.values():
+                for gs, info in zip(fam.sets, fam.eps_of):
+                    rho, terms = _hessian_residual(fam, gs, info, params, grads, hv, h_eps, u, mags, mags_h,
+                                                   eps_mags_h, hv_rms)
+                    ratio = rho.abs() / (bound_rel * terms).clamp_min(1e-300)
+                    rel = rho.abs() / terms.clamp_min(1e-300)
+                    key = id(gs)
+                    hess_ratio[key] = ratio if hess_ratio[key] is None else torch.maximum(hess_ratio[key], ratio)
+                    hess_rel[key] = rel if hess_rel[key] is None else torch.maximum(hess_rel[key], rel)
+            del hv, mags_h
+    finally:
+        so.release()  # the graph and the hooks that close over it
 
     families = {}
     for name, fam in fams.items():

@@ -172,6 +172,7 @@ class TermMagnitudes:
         self.out_dot: Tensor | None = None
         self.out_adjoint_dot: Tensor | None = None
         self.first: tuple[dict, dict] | None = None
+        self._handles: list = []  # tensor hooks: they close over self, so they are removed by release()
 
     # -- recording
     def hooks(self, model: nn.Module) -> list:
@@ -186,9 +187,9 @@ class TermMagnitudes:
             batch = not isinstance(mod, _BatchNorm) or self.bn_batch or mod.training or mod.running_mean is None
             site = _Site(name, mod, x, output, batch_stats=batch)
             self.sites.append(site)
-            output.register_hook(self._adjoint_hook(site, "dz", "z_dot", "dz_dot"))
+            self._handles.append(output.register_hook(self._adjoint_hook(site, "dz", "z_dot", "dz_dot")))
             if x.requires_grad:
-                x.register_hook(self._adjoint_hook(site, None, "x_dot", None))
+                self._handles.append(x.register_hook(self._adjoint_hook(site, None, "x_dot", None)))
             return None
         return hook
 
@@ -201,7 +202,7 @@ class TermMagnitudes:
                 if first is not None and getattr(obj, first) is None:
                     setattr(obj, first, grad.detach())
                 if tangent is not None and grad.requires_grad:
-                    grad.register_hook(self._tangent_hook(obj, tangent))
+                    self._handles.append(grad.register_hook(self._tangent_hook(obj, tangent)))
             elif self.phase == "tangent" and second is not None:
                 setattr(obj, second, grad.detach())
             return None
@@ -218,7 +219,20 @@ class TermMagnitudes:
         """The model's outputs (the loss's input): their adjoints in both passes."""
         self.outputs = outputs
         if outputs.requires_grad:
-            outputs.register_hook(self._adjoint_hook(self, "out_adjoint", "out_dot", "out_adjoint_dot"))
+            self._handles.append(outputs.register_hook(self._adjoint_hook(self, "out_adjoint", "out_dot",
+                                                                          "out_adjoint_dot")))
+
+    def release(self) -> None:
+        """Remove the tensor hooks and drop the recorded tensors. The hooks live in the autograd graph and
+        close over this object, a cycle Python's collector cannot see: without this every check would keep
+        its whole graph alive (measured: +300–600 MiB per VGG-11-BN check)."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.sites.clear()
+        self.outputs = self.out_adjoint = self.out_dot = self.out_adjoint_dot = None
+        self.first = None
+        self._first_out = {}
 
     def reset_tangents(self) -> None:
         for s in self.sites:

@@ -141,6 +141,15 @@ class SecondOrder:
         """∂L/∂ε_c per BatchNorm (detached)."""
         return {k: (torch.zeros_like(self.eps[k]) if g is None else g.detach()) for k, g in self._g_eps.items()}
 
+    def release(self) -> None:
+        """Drop the graph and the magnitude hooks (see :meth:`TermMagnitudes.release`); no HVP afterwards."""
+        if self.magnitudes is not None:
+            self.magnitudes.release()
+            self.magnitudes = None
+        self._g = {k: (None if g is None else g.detach()) for k, g in self._g.items()}
+        self._g_eps = {k: (None if g is None else g.detach()) for k, g in self._g_eps.items()}
+        self.create_graph = False
+
     def term_magnitudes(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Round-off scales of the gradient (:meth:`TermMagnitudes.first_order`); needs ``magnitudes=True``."""
         first, _ = loss_terms(self._loss)
