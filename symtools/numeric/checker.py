@@ -260,7 +260,8 @@ def check(model: nn.Module, inputs: Tensor, targets: Tensor, symmetries: Symmetr
         hess_rel = dict(hess_ratio)
         for d in range(directions if fams else 0):
             say(f"HVP {d + 1}/{directions}: Hessian identities of every group along a random direction")
-            u = {k: torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device) * scale[k]
+            # drawn in float64 whatever the dtype: a float32 check tests the same directions as a float64 one
+            u = {k: (torch.randn(p.shape, generator=gen, dtype=torch.float64) * scale[k]).to(p.device, p.dtype)
                  for k, p in params.items()}
             hv, h_eps, mags_h, eps_mags_h = so.tangent_hvp(u)
             hv = {k: v.detach() for k, v in hv.items()}
