@@ -79,9 +79,6 @@ def main(argv=None) -> int:
     t_h = _median_time(hvp, args.repeat)
     t_c = _median_time(whole, args.repeat)
     rep = reports[-1]
-    row = {"gradient_s": t_g, "hvp_s": t_h, "check_s": t_c, "check_hvps": rep.hvps["verification"],
-           "check_in_hvps": t_c / t_h, "check_in_gradients": t_c / t_g, "hvp_in_gradients": t_h / t_g,
-           "verdict": rep.verdict, "groups": rep.hvps["per_group_naive"]}
     print(f"gradient {t_g:.2f} s, HVP from scratch {t_h:.2f} s ({t_h / t_g:.2f}×), check {t_c:.2f} s = "
           f"{t_c / t_h:.2f} HVP-equivalents = {t_c / t_g:.1f} gradients ({rep.hvps['verification']} HVPs inside, "
           f"{rep.hvps['per_group_naive']} groups, {rep.verdict})")

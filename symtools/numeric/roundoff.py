@@ -43,7 +43,7 @@ marked as such.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Mapping
 
 import torch
@@ -68,7 +68,6 @@ class _Site:
     z_dot: Tensor | None = None  # ∂_u z (second backward: adjoint of ∂L/∂z)
     x_dot: Tensor | None = None  # ∂_u x
     dz_dot: Tensor | None = None  # ∂_u (∂L/∂z) (second backward: adjoint of z)
-    extra: dict = field(default_factory=dict)
 
 
 def _abs(t: Tensor | None) -> Tensor | None:

@@ -16,7 +16,7 @@ H θ_A + g_A + ∂θ(2ε_c ∂L/∂ε_c) = 0. LayerNorm's ε breaks the scale of
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -34,14 +34,13 @@ class SecondOrder:
     ``bn="batch"`` (training math, identities hold) or ``"eval"`` (running statistics; a negative control).
     The model's parameters, buffers and ``training`` flags are left as they were. ``create_graph=False``
     computes the gradients only (first order, about the cost of one training gradient); :meth:`hvp` then
-    raises. ``bias_term_sizes``: names of bias parameters for which :attr:`term_sizes` records Σ|∂L/∂z| per
-    entry (z the module's output): the size of the terms their gradient sums, the round-off scale of a bias
-    gradient that a symmetry forces to vanish (a bias feeding BatchNorm).
+    raises. ``magnitudes=True`` also records what the checker's round-off bounds need
+    (:class:`~symtools.numeric.roundoff.TermMagnitudes`; :meth:`term_magnitudes`, :meth:`tangent_hvp`).
     """
 
     def __init__(self, model: nn.Module, inputs: Tensor, targets: Tensor, *, loss="cross_entropy",
                  bn: str = "batch", weight_decay: float = 0.0, params: Mapping[str, Tensor] | None = None,
-                 create_graph: bool = True, bias_term_sizes: Iterable[str] = (), magnitudes: bool = False):
+                 create_graph: bool = True, magnitudes: bool = False):
         self.model = model
         base = dict(model.named_parameters()) if params is None else dict(params)
         self.params = {k: p.detach().requires_grad_(True) for k, p in base.items()}
@@ -55,11 +54,6 @@ class SecondOrder:
         for name, m in model.named_modules():
             if isinstance(m, nn.LayerNorm):
                 hooks.append(m.register_forward_hook(self._make_ln_hook(name)))
-        self.term_sizes: dict[str, Tensor] = {}
-        for pname in bias_term_sizes:
-            owner, _, attr = pname.rpartition(".")
-            if attr == "bias":
-                hooks.append(model.get_submodule(owner).register_forward_hook(self._make_size_hook(pname)))
         self.magnitudes = None
         if magnitudes:  # after the normalisation hooks above: the sites see the outputs used
             self.magnitudes = TermMagnitudes(self.params, bn_batch=(bn == "batch"), weight_decay=weight_decay,
@@ -103,21 +97,6 @@ class SecondOrder:
                                             requires_grad=True)
                 self.eps_value[name] = float(mod.eps)
             return batch_norm_batch_stats(x, mod.weight, mod.bias, self.eps[name])
-        return hook
-
-    def _make_size_hook(self, pname: str) -> Callable:
-        """Σ over the other axes of |∂L/∂z| for the module output z = … + bias: the sizes of the terms whose
-        sum is the bias's gradient, recorded by a tensor hook during the first backward only."""
-        def hook(mod, args, output):
-            if not output.requires_grad:
-                return
-            channel = output.dim() - 1 if isinstance(mod, nn.Linear) else min(1, output.dim() - 1)
-            dims = [d for d in range(output.dim()) if d != channel]
-
-            def record(g: Tensor) -> None:
-                if pname not in self.term_sizes:  # later passes (the HVPs) traverse z again
-                    self.term_sizes[pname] = g.detach().abs().sum(dims, dtype=torch.float64)
-            output.register_hook(record)
         return hook
 
     def _make_ln_hook(self, name: str) -> Callable:
