@@ -26,6 +26,12 @@ def update_doc(path: Path, section: str, text: str, header: str = HEADER) -> Non
     path.write_text(doc.rstrip() + "\n")
 
 
+def write_section(path: Path, section: str, intro: str, info: dict[str, str], body: str) -> None:
+    """``## section``, the ``intro`` paragraph, the machine ``info`` as a list, then ``body`` (tables)."""
+    machine_list = "\n".join(f"- {k}: {v}" for k, v in info.items())
+    update_doc(Path(path), section, f"## {section}\n\n{intro}\n\n{machine_list}\n\n{body}\n")
+
+
 def sync(device) -> None:
     """Wait for queued GPU work (timings on a CUDA device are taken between synchronisations)."""
     import torch

@@ -433,13 +433,12 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1, default=str))
     if doc:
-        mach = "\n".join(f"- {k}: {v}" for k, v in info.items())
-        header = (f"## {SECTION}\n\nMeasured by `checks/campaign_verdicts.py` (models {', '.join(args.models)}, "
-                  f"checkpoints {', '.join(ckpts[args.models[0]])}, dtypes {', '.join(args.dtypes)}, check batches "
-                  f"{', '.join(map(str, args.batches))}; controls at batch {min(args.batches)}; "
-                  f"{result['seconds'] / 60:.0f} min). Every PASS must hold for true symmetries and every FAIL name "
-                  f"exactly the groups the math says are broken (see the script's docstring).\n\n{mach}\n\n")
-        benchdoc.update_doc(Path(doc), SECTION, header + text + "\n")
+        intro = (f"Measured by `checks/campaign_verdicts.py` (models {', '.join(args.models)}, "
+                 f"checkpoints {', '.join(ckpts[args.models[0]])}, dtypes {', '.join(args.dtypes)}, check batches "
+                 f"{', '.join(map(str, args.batches))}; controls at batch {min(args.batches)}; "
+                 f"{result['seconds'] / 60:.0f} min). Every PASS must hold for true symmetries and every FAIL name "
+                 f"exactly the groups the math says are broken (see the script's docstring).")
+        benchdoc.write_section(doc, SECTION, intro, info, text)
     return 0
 
 

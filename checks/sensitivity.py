@@ -251,14 +251,13 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1, default=str))
     if doc:
-        mach = "\n".join(f"- {k}: {v}" for k, v in info.items())
-        header = (f"## {SECTION}\n\nMeasured by `checks/sensitivity.py`: {args.model} ({label}), batch {args.batch}, "
-                  f"one group broken with strength s at channel {where[-1]} of {out['layers']['scale']} (BN-eval "
-                  f"mix: its scale and translation groups) and of {out['layers']['rescale']} (tanh mix, wrong "
-                  f"generator: its rescale group); decades 1e-1 … 1e-15 from the top, then {args.refine} bisections "
-                  f"on log s ({out['seconds'] / 60:.0f} min). 'others' is over every check of the scan and must "
-                  f"stay < 1 and 0.\n\n{mach}\n\n")
-        benchdoc.update_doc(Path(doc), SECTION, header + text + "\n")
+        intro = (f"Measured by `checks/sensitivity.py`: {args.model} ({label}), batch {args.batch}, "
+                 f"one group broken with strength s at channel {where[-1]} of {out['layers']['scale']} (BN-eval "
+                 f"mix: its scale and translation groups) and of {out['layers']['rescale']} (tanh mix, wrong "
+                 f"generator: its rescale group); decades 1e-1 … 1e-15 from the top, then {args.refine} bisections "
+                 f"on log s ({out['seconds'] / 60:.0f} min). 'others' is over every check of the scan and must "
+                 f"stay < 1 and 0.")
+        benchdoc.write_section(doc, SECTION, intro, info, text)
     return 0
 
 

@@ -67,14 +67,7 @@ UNIT = EPS / 2
 BROKEN = 1e-5  # every negative control's residual for a broken group, relative to its terms T, is above this
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These networks are tiny: one intra-op thread is 10–1000× faster than two on a busy 2-core machine
-    (measured: a 4×4 float64 conv takes 33 ms with 2 threads under load, 35 µs with 1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def net(kind="mlp", widths=(5, 4), activation="leaky_relu", norm="batch", bias=True, loss="cross_entropy",

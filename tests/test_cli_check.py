@@ -29,13 +29,7 @@ SMALL = ["--input", "32", "--classes", "10", "--batch", "2"]
 HIDDEN = 1024  # the classifier's hidden width (symtools.nn.vgg)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """VGG at 32×32 has 1×1 and 2×2 maps late on: one intra-op thread was 2–3× faster on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def run(argv: list[str]) -> tuple[int, str, str]:

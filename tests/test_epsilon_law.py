@@ -40,12 +40,7 @@ LAW_RTOL = 1e-12  # measured ≤ 1.5e-13 relative to max|⟨g_A, θ_A⟩| over 1
 WRONG = 1e-3  # the wrong factor misses by more than this, relative (measured: 0.5 for the law, ≥ 0.04 in check)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -52,14 +52,7 @@ SGD_CONFIGS = {  # name → (law module suffix, torch.optim.SGD kwargs beyond lr
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: one intra-op thread avoids thread contention (measured 60× slower on a busy
-    2-core machine with the default two threads)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def law_module(family: str, optimizer: str):
