@@ -17,7 +17,7 @@ Three comparisons, each per group (then summarised per layer):
   distance to it is the accumulated breaking η·ΣU1 (``kind="reference"``; beyond round-off it is flagged).
   Under plain SGD the scale charge has the drive G = Σg² ≥ 0, so Q_T ≥ Π(1 − η_tλ)²·Q_0 up to the ε term
   (``kind="lower_bound"``, flagged when violated). Rescale imbalances (G indefinite) need the run's records.
-* **vs the run's records** — the charges a training monitor recorded (:class:`symtools.audit.records.RunRecords`):
+* **vs the run's records** — the charges a training monitor recorded (:class:`symtools.audit.records.RecordedRun`):
   the recorded Q at step T (``kind="recorded"``), or Q at the init step propagated with the recorded drives
   (``kind="records+law"``). Without such records: "no prediction available", said so.
 
@@ -49,13 +49,19 @@ from symtools.errors import SymtoolsError
 from symtools.nn.groups import GroupSet
 from symtools.numeric import groupops
 from symtools.numeric.groupops import group_view
+from symtools.numeric.optimizer_laws import (CHOICES, closes, declaration, hyper_of_group, identify_class,
+                                             law_of_group, law_of_state_dict, state_entries)
 
 __all__ = ["SAFETY", "Hyper", "Snapshot", "Prediction", "hyper_from_optimizer", "law_module", "measure",
            "predicted_charges", "transfer_matrix", "compare_prediction", "vs_init", "OPTIMIZERS"]
 
 SAFETY = 10.0
-OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw")
-ADAM_FAMILY = ("adam", "adamw")
+OPTIMIZERS = CHOICES  # every declared optimizer law (symtools.symbolic.optimizers)
+#: the laws that do not close (preconditioned updates: Adam, AdamW, RMSprop, Adagrad): their breaking drive U1 has
+#: no theoretical value, so from init they give a reference, not a prediction
+ADAM_FAMILY = tuple(n for n in CHOICES if not closes(n))
+#: the hyper-parameters a :class:`Hyper` carries (the arguments of the generated laws' ``step``)
+HYPER_FIELDS = ("lr", "weight_decay", "momentum", "dampening")
 _ARG_SOURCES = {"g_": "grads", "b_": "buffers", "u_": "updates", "d_": "updates"}
 
 
@@ -132,7 +138,12 @@ class Hyper:
         base = {"lr": self.lr, "weight_decay": self.weight_decay, "momentum": self.momentum,
                 "dampening": self.dampening}
         if self.param_hyper:
-            found = {tuple(sorted((k, float(v)) for k, v in self.param_hyper.get(n, base).items())) for n in names}
+            other = sorted({self.param_hyper.get(n, {}).get("law", self.optimizer) for n in names} - {self.optimizer})
+            if other:
+                return {}, (f"its tensors are in an optimizer param group that follows the {other[0]} law, not "
+                            f"{self.optimizer}")
+            found = {tuple(sorted((k, float(v)) for k, v in self.param_hyper.get(n, base).items() if k != "law"))
+                     for n in names}
             if len(found) > 1:
                 return {}, f"its tensors {list(names)} are in optimizer param groups with different hyperparameters"
             base = dict(next(iter(found))) if found else base
@@ -158,37 +169,40 @@ def hyper_from_optimizer(optimizer: Mapping, names: Sequence[str], optimizer_cla
                          steps: int | None = None, source: str = "") -> Hyper:
     """A :class:`Hyper` from a ``torch.optim`` state_dict (its param groups) and the optimizer's class name.
 
-    SGD → ``sgd`` / ``momentum`` / ``nesterov`` by its ``momentum`` and ``nesterov`` entries; groups with
-    ``betas`` → ``adamw`` (``decoupled_weight_decay`` or class AdamW) or ``adam``. Raises for anything else.
+    The law comes from :func:`symtools.numeric.optimizer_laws.law_of_state_dict`: the rules the training monitor
+    applies, read off the optimizer declarations (SGD → ``sgd`` / ``momentum`` / ``nesterov`` by its
+    ``momentum`` and ``nesterov`` entries; Adam → ``adam``, or ``adamw`` with ``decoupled_weight_decay``; …;
+    without the class name the class is recognised from the group entries). Raises where no law applies
+    (``maximize=True``, groups mixing plain SGD and momentum, an undeclared optimizer …). Param groups that
+    differ give per-parameter hyper-parameters; a group following another law than the first group's (heavy
+    ball and Nesterov) marks its parameters, whose predictions then say so.
     """
     groups = list(optimizer.get("param_groups") or [])
+    where = source or "the optimizer state"
     if not groups:
-        raise SymtoolsError(f"{source or 'the optimizer state'} has no param_groups to read hyperparameters from")
-    g0 = groups[0]
-    cls = (optimizer_class or "").lower()
-    if "betas" in g0:
-        kind = "adamw" if g0.get("decoupled_weight_decay") or cls == "adamw" else "adam"
-    elif "momentum" in g0 or cls == "sgd":
-        mom = float(g0.get("momentum", 0.0) or 0.0)
-        kind = "nesterov" if g0.get("nesterov") else ("momentum" if mom > 0 else "sgd")
-    else:
-        raise SymtoolsError(f"{source or 'the optimizer state'}: optimizer {optimizer_class or 'unknown'} (param "
-                            f"group keys {sorted(k for k in g0 if k != 'params')}) has no law in symtools; give "
-                            f"--lr/--wd/--momentum to state the hypothesis instead")
+        raise SymtoolsError(f"{where} has no param_groups to read hyperparameters from")
+    kind, why = law_of_state_dict(optimizer, optimizer_class)
+    if kind is None:
+        raise SymtoolsError(f"{where}: {why}; give --lr/--wd/--momentum to state the hypothesis instead")
+    cls = optimizer_class or identify_class(groups)
     per: dict[str, dict] = {}
     if len(groups) > 1:
         for g in groups:
-            h = {"lr": float(g.get("lr", 0.0)), "weight_decay": float(g.get("weight_decay", 0.0) or 0.0),
-                 "momentum": float(g.get("momentum", 0.0) or 0.0), "dampening": float(g.get("dampening", 0.0) or 0.0)}
+            own = law_of_group(g, cls) or kind
+            values = hyper_of_group(g, own)
+            h: dict = {k: values[k] for k in HYPER_FIELDS}
+            if own != kind:
+                h["law"] = own
             for i in g.get("params", []):
                 if 0 <= int(i) < len(names):
                     per[names[int(i)]] = h
-    hyper = Hyper(optimizer=kind, lr=float(g0.get("lr", 0.0)), weight_decay=float(g0.get("weight_decay", 0.0) or 0.0),
-                  momentum=float(g0.get("momentum", 0.0) or 0.0) if kind in ("momentum", "nesterov") else 0.0,
-                  dampening=float(g0.get("dampening", 0.0) or 0.0) if kind in ("momentum", "nesterov") else 0.0,
-                  steps=steps, param_hyper=per or None, source=source)
-    if kind in ADAM_FAMILY and tuple(g0.get("betas", (0.9,)))[0]:
-        hyper.notes.append(f"betas {tuple(g0.get('betas'))}")
+    h0 = hyper_of_group(groups[0], kind)
+    hyper = Hyper(optimizer=kind, steps=steps, param_hyper=per or None, source=source,
+                  **{k: h0[k] for k in HYPER_FIELDS})
+    rest = [n for n in declaration(kind).python_names if n not in HYPER_FIELDS and n in h0]
+    if rest:
+        hyper.notes.append(", ".join(f"{n} {h0[n]:g}" for n in rest) + f" (the {kind} law reads the applied update, "
+                           "not these)")
     return hyper
 
 
@@ -335,7 +349,7 @@ def predicted_charges(init: Snapshot, hyper: Hyper | None, records=None, *, targ
     """Predictions of every group set's charges at the audited step, from each available source.
 
     ``init``: the weights (and buffers) at the start; ``hyper``: the training hypothesis (None: no law);
-    ``records``: a :class:`~symtools.audit.records.RunRecords` of the run (None: none). The audited step is
+    ``records``: a :class:`~symtools.audit.records.RecordedRun` of the run (None: none). The audited step is
     ``target_step`` or ``init.step + hyper.steps``. Keys are the positions of the group sets in
     ``init.group_sets`` (two sets may share a layer label, e.g. a Linear's columns and its bias); each value lists
     the predictions found (law from init, run records), or one ``kind="none"`` entry saying why there is none.
@@ -421,10 +435,10 @@ def _law_prediction(gs: GroupSet, init: Snapshot, hyper: Hyper, steps: int, star
 
 
 def _buffer_for(optimizer: str, buffers: Mapping[str, Mapping[str, Tensor]]) -> Mapping[str, Tensor] | None:
-    """The optimizer-state tensors the laws call b (SGD's momentum buffer); None if absent."""
-    if optimizer in ("momentum", "nesterov"):
-        return buffers.get("momentum_buffer")
-    return None
+    """The optimizer-state tensors the laws call b (SGD's momentum buffer, by the declaration's state entry);
+    None if absent or the law keeps no buffer."""
+    entry = state_entries(optimizer).get("b")
+    return buffers.get(entry) if entry else None
 
 
 def _records_predictions(gs: GroupSet, init: Snapshot, hyper: Hyper | None, records, start: int,

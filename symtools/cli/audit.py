@@ -37,14 +37,20 @@ def add_arguments(p) -> None:
                         "time on a CPU), or the weights' own dtype")
     p.add_argument("--no-identities", action="store_true", help="skip the gradient/Hessian identity checks")
     hp = p.add_argument_group("training hypothesis (instead of, or overriding, what --run/the checkpoint says)")
-    hp.add_argument("--optimizer", choices=("sgd", "momentum", "nesterov", "adam", "adamw"),
-                    help="optimizer of the hypothesis (default: sgd, or momentum when --momentum > 0)")
+    hp.add_argument("--optimizer", choices=_choices(),
+                    help="optimizer law of the hypothesis (default: sgd, or momentum when --momentum > 0)")
     hp.add_argument("--lr", type=float, help="learning rate (constant)")
     hp.add_argument("--wd", "--weight-decay", dest="wd", type=float, help="weight decay λ (torch: d = g + λθ)")
     hp.add_argument("--momentum", type=float, help="heavy-ball momentum μ (torch SGD)")
     hp.add_argument("--dampening", type=float, default=None, help="SGD dampening τ (default 0)")
     hp.add_argument("--steps", type=int, help="number of updates between --init and CKPT (default: their steps)")
 
+
+
+def _choices() -> tuple[str, ...]:
+    from symtools.numeric.optimizer_laws import CHOICES
+
+    return CHOICES
 
 
 def _batch(args, input_size: int, classes: int):
@@ -65,6 +71,12 @@ def _batch(args, input_size: int, classes: int):
 def _hyper(args, ckpt, init, names, records, start: int, target: int | None):
     """The training hypothesis: flags first, else the run's/the checkpoint's optimizer state (module docstring)."""
     from symtools.audit.compare import Hyper, hyper_from_optimizer
+    from symtools.numeric.optimizer_laws import (
+        CHOICES,
+        declaration,
+        law_of_group,
+        torch_class,
+    )
 
     flags = [v is not None for v in (args.lr, args.wd, args.momentum, args.dampening, args.optimizer)]
     steps = args.steps
@@ -81,9 +93,13 @@ def _hyper(args, ckpt, init, names, records, start: int, target: int | None):
         if args.lr is None and steps > 0:
             raise SymtoolsError("give --lr (the learning rate of the hypothesis)")
         mom = args.momentum or 0.0
-        opt = args.optimizer or ("momentum" if mom > 0 else "sgd")
-        if opt == "sgd" and mom > 0:
-            raise SymtoolsError("--optimizer sgd has no momentum; use --optimizer momentum (or nesterov)")
+        # default: the law of a torch.optim.SGD param group with these flags (sgd, or momentum when --momentum > 0)
+        opt = args.optimizer or law_of_group({"momentum": mom, "dampening": args.dampening or 0.0},
+                                             torch_class(CHOICES[0]))
+        for flag, value in (("momentum", mom), ("dampening", args.dampening or 0.0)):
+            if value and flag not in declaration(opt).python_names:
+                having = [n for n in CHOICES if flag in declaration(n).python_names]
+                raise SymtoolsError(f"--optimizer {opt} has no {flag}; use --optimizer {' or '.join(having)}")
         hyper = Hyper(optimizer=opt, lr=float(args.lr or 0.0), weight_decay=float(args.wd or 0.0), momentum=mom,
                       dampening=float(args.dampening or 0.0), steps=steps, source="command line")
     else:
@@ -115,7 +131,7 @@ def prepare(args) -> dict:
     import torch
 
     from symtools.audit.loading import build_model_for, load_checkpoint_file
-    from symtools.audit.records import RunRecords
+    from symtools.audit.records import RecordedRun
     from symtools.audit.report import check_report_dir
 
     if args.json and args.json != "-":
@@ -142,7 +158,7 @@ def prepare(args) -> dict:
             if not first.is_file():
                 raise SymtoolsError(f"--run {run}: no checkpoints/step_000000.pt to use as init (give --init)")
             init_path = str(first)
-        records = RunRecords(run)
+        records = RecordedRun(run)
     init = None
     if init_path is not None:
         init = load_checkpoint_file(init_path)

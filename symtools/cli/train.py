@@ -9,7 +9,13 @@ from symtools.cli.common import check_out_dir, make_out_dir, parse_device
 from symtools.errors import SymtoolsError
 
 HELP = "train a model with the conservation-law monitor (records, checkpoints, summary)"
-OPTIMIZERS = ("sgd", "adam", "adamw")
+
+
+def _choices() -> tuple[str, ...]:
+    """The declared optimizer laws (symtools.symbolic.optimizers), in declaration order."""
+    from symtools.numeric.optimizer_laws import CHOICES
+
+    return CHOICES
 
 
 def add_arguments(p) -> None:
@@ -18,10 +24,12 @@ def add_arguments(p) -> None:
     p.add_argument("--input", type=int, default=32, help="image side, a multiple of 32 (default 32)")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
     p.add_argument("--batch", type=int, default=128, help="batch size (default 128)")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd", help="torch optimizer (default sgd)")
+    p.add_argument("--optimizer", choices=_choices(), default=None,
+                   help="optimizer law, run by its torch class (default: torch.optim.SGD, its law picked by "
+                        "--momentum/--nesterov: sgd, momentum or nesterov)")
     p.add_argument("--lr", type=float, default=0.1, help="learning rate η (default 0.1)")
     p.add_argument("--wd", type=float, default=5e-4, help="weight decay λ, coupled as torch.optim.SGD does (default 5e-4)")
-    p.add_argument("--momentum", type=float, default=0.0, help="heavy-ball momentum β (default 0)")
+    p.add_argument("--momentum", type=float, default=0.0, help="heavy-ball momentum β of SGD (default 0)")
     p.add_argument("--dampening", type=float, default=0.0, help="momentum dampening τ (default 0)")
     p.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
     p.add_argument("--stride", type=int, default=10, help="record per-group values every STRIDE steps (default 10)")
@@ -38,20 +46,34 @@ def add_arguments(p) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def make_optimizer(name: str, params, lr: float, wd: float, momentum: float, dampening: float, nesterov: bool):
-    import torch
+def make_optimizer(name: str | None, params, lr: float, wd: float, momentum: float, dampening: float,
+                   nesterov: bool):
+    """The torch optimizer of law ``name`` (``torch.optim.<its declared class>``); ``name`` None: torch.optim.SGD
+    with the law its flags give (sgd, momentum or nesterov). Bad combinations raise SymtoolsError."""
+    from symtools.numeric.optimizer_laws import (
+        CHOICES,
+        declaration,
+        law_of_group,
+        torch_class,
+    )
+    from symtools.numeric.optimizer_laws import make_optimizer as build
 
     if lr <= 0:
         raise SymtoolsError(f"--lr must be positive, got {lr}")
     if wd < 0 or momentum < 0 or not 0 <= dampening < 1:
         raise SymtoolsError("--wd and --momentum must be ≥ 0 and --dampening in [0, 1)")
-    if name == "sgd":
-        if nesterov and (momentum <= 0 or dampening != 0):
-            raise SymtoolsError("--nesterov needs --momentum > 0 and --dampening 0")
-        return torch.optim.SGD(params, lr=lr, weight_decay=wd, momentum=momentum, dampening=dampening,
-                               nesterov=nesterov)
-    cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[name]
-    return cls(params, lr=lr, weight_decay=wd)
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise SymtoolsError("--nesterov needs --momentum > 0 and --dampening 0")
+    if name is None:
+        name = law_of_group({"momentum": momentum, "dampening": dampening, "nesterov": nesterov},
+                            torch_class(CHOICES[0]))
+    elif nesterov and not declaration(name).flags.get("nesterov"):
+        raise SymtoolsError(f"--nesterov does not go with --optimizer {name}")
+    values = {"lr": lr, "weight_decay": wd, "momentum": momentum, "dampening": dampening}
+    try:
+        return build(name, params, **values)
+    except SymtoolsError as exc:
+        raise SymtoolsError(f"--optimizer {name}: {exc}") from None
 
 
 def run(args) -> int:
@@ -61,6 +83,7 @@ def run(args) -> int:
     from symtools.nn.graph import find_symmetries
     from symtools.nn.models import build_model
     from symtools.numeric.monitor import Monitor
+    from symtools.numeric.optimizer_laws import law_of_optimizer
     from symtools.training import train
 
     if args.steps < 1:
@@ -78,8 +101,9 @@ def run(args) -> int:
     x0, _ = batches.batch(0)
     symmetries = find_symmetries(model, x0[:1].to(device))
     monitor = Monitor(symmetries, stride=args.stride, check_every=args.check_every, seed=args.seed)
+    law = law_of_optimizer(optimizer)[0]
     config = {"model": args.model, "data": args.data, "input": args.input, "classes": batches.classes,
-              "batch": args.batch, "optimizer": args.optimizer, "lr": args.lr, "wd": args.wd,
+              "batch": args.batch, "optimizer": law or args.optimizer, "lr": args.lr, "wd": args.wd,
               "momentum": args.momentum, "dampening": args.dampening, "nesterov": args.nesterov,
               "seed": args.seed, "steps": args.steps, "stride": args.stride, "check_every": args.check_every}
     summary = train(model, optimizer, batches, args.steps, device=device, out_dir=args.out,

@@ -24,9 +24,13 @@ How each law is derived (all on one element, with SymPy):
   of q, the triple Q = B(θ,θ), P = B(θ,b), R = B(b,b) closes exactly, driven by G = B(g,g), C = B(b,g) (b the
   buffer BEFORE the step) and M1 (B(θ,g) = (c/2)·M1). Degree 1 (translation): Q = q(θ), R = q(b), driven by
   M1 only. torch's first step (b₁ = g + λθ, no dampening) is a law of its own.
-* Adam/AdamW: the update u is preconditioned per coordinate, so ⟨u, ∇Q⟩ is not a multiple of ⟨g, v⟩
-  (:func:`first_order_breaking` shows it on the declared rule). The law is then the Taylor form in u, exact, with
-  the breaking term U1 = ⟨u, v⟩ exposed as a measured density.
+* Preconditioned updates (Adam, AdamW, RMSprop, Adagrad — any declaration with ``law_kind="preconditioned"``):
+  the update u is scaled per coordinate, so ⟨u, ∇Q⟩ is not a multiple of ⟨g, v⟩ (:func:`first_order_breaking`
+  shows it on the declared rule). The law is then the Taylor form in u, exact, with the breaking term
+  U1 = ⟨u, v⟩ exposed as a measured density (:func:`preconditioned_law`, one derivation for all of them).
+
+Which derivation an optimizer gets is declared in :mod:`symtools.symbolic.optimizers` (``OptimizerDecl.law_kind``);
+:func:`law` dispatches on it, so a new optimizer needs no code here.
 """
 
 from __future__ import annotations
@@ -40,9 +44,11 @@ import sympy as sp
 from symtools.errors import SymtoolsError
 from symtools.symbolic.derive import Derivation
 from symtools.symbolic.forms import GradientForm, grad_symbol
-from symtools.symbolic.optimizers import ETA, LAMBDA, OPTIMIZERS, STEP, UpdateRule, optimizer, state_symbol
+from symtools.symbolic.optimizers import (ETA, LAMBDA, STATE_SYMBOLS, STEP, UpdateRule, declaration, optimizer,
+                                          state_symbol)
 
-__all__ = ["LawError", "Term", "Law", "law", "sgd_law", "momentum_law", "adam_law", "fit", "first_order_breaking",
+__all__ = ["LawError", "Term", "Law", "law", "sgd_law", "momentum_law", "preconditioned_law", "adam_law", "fit",
+           "first_order_breaking",
            "quantity", "show", "update_symbol", "charge_degrees", "unroll_first_order", "satisfies_law"]
 
 UPDATE_PREFIX = "u_"          # u_x: the update direction applied to slot x (Adam laws)
@@ -55,7 +61,7 @@ class LawError(SymtoolsError):
 
 
 _GREEK = {"eta": "η", "lambda": "λ", "mu": "μ", "tau": "τ", "beta_1": "β₁", "beta_2": "β₂", "epsilon": "ε",
-          "gamma": "γ", "omega": "ω", "kappa": "κ"}
+          "gamma": "γ", "omega": "ω", "kappa": "κ", "rho": "ρ"}
 
 
 def show(expr) -> str:
@@ -296,9 +302,11 @@ def _taylor_name(k: int, prefix: str = "G") -> str:
     return {2: prefix}.get(k, f"{prefix}{k}")
 
 
-def sgd_law(d: Derivation) -> Law:
-    """Q' = Σ_k coeff_k(η, λ)·T_k exactly under torch.optim.SGD without momentum (see the module docstring)."""
-    rule = OPTIMIZERS["sgd"][1]
+def sgd_law(d: Derivation, name: str = "sgd") -> Law:
+    """Q' = Σ_k coeff_k(η, λ)·T_k exactly under torch.optim.SGD without momentum (see the module docstring);
+    ``name``: a declared optimizer of law kind ``taylor`` (a stateless rule, linear in g)."""
+    rules = optimizer(name)
+    rule = rules[1]
     slots = _slot_symbols(d)
     g = {s: grad_symbol(s) for s in d.slots}
     parts = charge_degrees(d)
@@ -342,7 +350,7 @@ def sgd_law(d: Derivation) -> Law:
     proof.append("Q' = q(θ') expanded and matched term by term (fit): "
                  + "; ".join(f"{k}' = {show(v)}" for k, v in update.items()))
     names = tuple(t.name for t in measured)
-    return Law(d, "sgd", OPTIMIZERS["sgd"], tuple(state), tuple(measured), update, dict(update),
+    return Law(d, name, rules, tuple(state), tuple(measured), update, dict(update),
                tuple(t.name for t in state), names, True, proof)
 
 
@@ -357,10 +365,11 @@ def _bilinear(q: sp.Expr, d: Derivation, x: Mapping[str, sp.Expr], y: Mapping[st
     return sp.expand(sp.Rational(1, 2) * sp.Add(*[y[s] * _at(sp.diff(q, slots[s]), d, x) for s in d.slots]))
 
 
-def momentum_law(d: Derivation, nesterov: bool = False) -> Law:
+def momentum_law(d: Derivation, nesterov: bool = False, name: str | None = None) -> Law:
     """Closed recurrences under torch.optim.SGD with momentum (heavy ball, or ``nesterov``) for charges of degree
-    1 (state Q, R) and 2 (state Q, P, R); see the module docstring."""
-    name = "nesterov" if nesterov else "momentum"
+    1 (state Q, R) and 2 (state Q, P, R); see the module docstring. ``name``: a declared optimizer of law kind
+    ``momentum`` (default: "nesterov" or "momentum" by ``nesterov``)."""
+    name = name or ("nesterov" if nesterov else "momentum")
     first_rule, rule = optimizer(name)
     _check_names(d, ("b_",))
     parts = charge_degrees(d)
@@ -409,17 +418,18 @@ def momentum_law(d: Derivation, nesterov: bool = False) -> Law:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Adam / AdamW: the law does not close; expose the breaking term
+# preconditioned updates (Adam, AdamW, RMSprop, Adagrad): the law does not close; expose the breaking term
 # ---------------------------------------------------------------------------------------------------------
 
 
 def first_order_breaking(d: Derivation, optimizer_name: str) -> tuple[GradientForm, bool, str]:
-    """The first-order (in η) change of Q on torch's FIRST step of ``optimizer_name``, at λ = 0, as a linear form
-    in g; whether it reduces modulo the gradient identity; and why.
+    """The first-order (in η) change of Q on torch's FIRST step of ``optimizer_name`` from zero optimizer state,
+    at λ = 0, as a linear form in g; whether it reduces modulo the gradient identity; and why.
 
-    On its first step Adam's update is u = g/(|g| + ε) per element (m = (1−β₁)g, s = (1−β₂)g², bias-corrected).
-    Writing u = p·g with p = 1/(|g| + ε), the change −η⟨∇Q, u⟩ is the form Σ_s g_s·(p_s ∂q/∂θ_s): its multiple of
-    ⟨g, v⟩ would be c·p_s, which differs from element to element, so it does not vanish. For SGD p = 1.
+    On its first step Adam's update is u = g/(|g| + ε) per element (m = (1−β₁)g, s = (1−β₂)g², bias-corrected);
+    RMSprop's u = g/(√(1−ρ)|g| + ε), Adagrad's (from a zero accumulator) g/(|g| + ε). Writing u = p·g with
+    p the per-element factor, the change −η⟨∇Q, u⟩ is the form Σ_s g_s·(p_s ∂q/∂θ_s): its multiple of ⟨g, v⟩
+    would be c·p_s, which differs from element to element, so it does not vanish. For SGD p = 1.
     """
     first_rule, _ = optimizer(optimizer_name)
     slots = _slot_symbols(d)
@@ -427,7 +437,7 @@ def first_order_breaking(d: Derivation, optimizer_name: str) -> tuple[GradientFo
     coeff, element = {}, _element_symbols(d)
     for s, x in slots.items():
         theta1, _ = first_rule.on_slot(s)
-        rep = {STEP: 1, LAMBDA: 0, state_symbol("m", s): 0, state_symbol("s", s): 0, state_symbol("b", s): 0}
+        rep = {STEP: 1, LAMBDA: 0, **{state_symbol(k, s): 0 for k in STATE_SYMBOLS}}
         theta1 = sp.simplify(theta1.xreplace(rep))
         u = sp.simplify(-sp.diff(theta1, ETA))  # θ' = θ − η·u
         p = sp.simplify(u / grad_symbol(s))     # u = p·g
@@ -451,23 +461,28 @@ def first_order_breaking(d: Derivation, optimizer_name: str) -> tuple[GradientFo
     return form, ok, why
 
 
-def adam_law(d: Derivation, decoupled: bool = True) -> Law:
-    """Exact Taylor form under Adam (``decoupled=False``) or AdamW, in the APPLIED update direction u.
+def preconditioned_law(d: Derivation, optimizer_name: str) -> Law:
+    """Exact Taylor form in the APPLIED update direction u under a preconditioned optimizer (Adam, AdamW,
+    RMSprop, Adagrad: any declaration with law kind ``preconditioned``).
 
-    AdamW: θ' = (1 − ηλ)θ − η·u; Adam: θ' = θ − η·u (weight decay is inside u). With u_s measured per element
-    (from θ before and after the step) Q' is a finite sum of measured terms U_k = (1/k!)·D^k q[u]^k; the
-    first-order one is exposed as U1 = ⟨u, v⟩ (⟨u, ∇Q⟩ = c·U1), the term SGD's identity would remove.
+    The rule's ``decay`` defines u: θ' = decay·θ − η·u (AdamW: decay = 1 − ηλ; Adam, RMSprop, Adagrad: 1, the
+    weight decay is inside u). With u_s measured per element (from θ before and after the step) Q' is a finite
+    sum of measured terms U_k = (1/k!)·D^k q[u]^k; the first-order one is exposed as U1 = ⟨u, v⟩
+    (⟨u, ∇Q⟩ = c·U1), the term SGD's identity would remove. :func:`first_order_breaking` must show on the
+    declared rule that it does not vanish, else the declaration is wrong (LawError).
     """
-    name = "adamw" if decoupled else "adam"
+    rules = optimizer(optimizer_name)
+    rule = rules[1]
     _check_names(d, (UPDATE_PREFIX,))
     parts = charge_degrees(d)
     slots = _slot_symbols(d)
     u = {s: update_symbol(s) for s in d.slots}
-    decay = (1 - ETA * LAMBDA) if decoupled else sp.Integer(1)
+    decay = sp.sympify(rule.decay)
     theta_new = {s: decay * x - ETA * u[s] for s, x in slots.items()}
-    q = _charge(d)
-    form, reduces, why = first_order_breaking(d, name)
-    assert not reduces, why
+    form, reduces, why = first_order_breaking(d, optimizer_name)
+    if reduces:
+        raise LawError(f"{optimizer_name} is declared preconditioned but its first-order term reduces modulo the "
+                       f"gradient identity ({why}); declare it with a closing law kind")
     multi = len(parts) > 1
     state, measured, update = [], [], {}
     breaking = Term("U1", {s: sp.expand(u[s] * d.generator[s]) for s in d.slots},
@@ -491,24 +506,28 @@ def adam_law(d: Derivation, decoupled: bool = True) -> Law:
             term = Term(tname, _split(tk, d), f"(1/{k}!)·D^{k}q(θ)[u]^{k}")
             measured.append(term)
             basis[tname] = term.pointwise()
-        update.update(_fit_all({qname: _at(qd, d, theta_new)}, basis, variables, name))
-    proof = [f"rule: {optimizer(name)[1].text}", f"first step: {why}",
-             "Q' = q(θ') with θ' = " + ("(1 − ηλ)θ − η·u" if decoupled else "θ − η·u")
+        update.update(_fit_all({qname: _at(qd, d, theta_new)}, basis, variables, optimizer_name))
+    proof = [f"rule: {rule.text}", f"first step: {why}",
+             f"Q' = q(θ') with θ' = {'θ' if decay == 1 else '(' + show(decay) + ')θ'} − η·u"
              + " expanded and matched (fit): " + "; ".join(f"{k}' = {show(v)}" for k, v in update.items())]
-    return Law(d, name, optimizer(name), tuple(state), tuple(measured), update, dict(update),
+    return Law(d, optimizer_name, rules, tuple(state), tuple(measured), update, dict(update),
                tuple(t.name for t in state), tuple(t.name for t in measured), False, proof)
 
 
+def adam_law(d: Derivation, decoupled: bool = True) -> Law:
+    """:func:`preconditioned_law` under Adam (``decoupled=False``) or AdamW."""
+    return preconditioned_law(d, "adamw" if decoupled else "adam")
+
+
+_DERIVATIONS = {"taylor": sgd_law, "momentum": lambda d, name: momentum_law(d, name=name),
+                "preconditioned": preconditioned_law}
+
+
 def law(d: Derivation, optimizer_name: str) -> Law:
-    """The per-step law of ``d``'s charge under ``optimizer_name`` (sgd, momentum, nesterov, adam, adamw)."""
-    if optimizer_name == "sgd":
-        return sgd_law(d)
-    if optimizer_name in ("momentum", "nesterov"):
-        return momentum_law(d, nesterov=optimizer_name == "nesterov")
-    if optimizer_name in ("adam", "adamw"):
-        return adam_law(d, decoupled=optimizer_name == "adamw")
-    optimizer(optimizer_name)  # raises the unknown-optimizer error
-    raise AssertionError
+    """The per-step law of ``d``'s charge under a declared optimizer (``symtools.symbolic.optimizers.DECLARATIONS``:
+    sgd, momentum, nesterov, adam, adamw, rmsprop, adagrad), by the derivation its declaration names."""
+    decl = declaration(optimizer_name)
+    return _DERIVATIONS[decl.law_kind](d, decl.name)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -571,7 +590,7 @@ def satisfies_law(lw: Law, closed_form: sp.Expr, n: sp.Symbol, initial: sp.Expr,
     a = rhs.coeff(x)
     f = sp.Add(*[rhs.coeff(quantity(m)) * drives[m](n) for m in lw.measured_names if m not in drop])
     p, s, i = _split_sum(closed_form, n)
-    rho = sp.Symbol("rho", positive=True)
+    rho = sp.Dummy("rho", positive=True)
 
     def zero(e):
         e = sp.sympify(e).subs(LAMBDA, (1 - rho) / ETA)
