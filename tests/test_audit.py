@@ -18,7 +18,7 @@ import sympy as sp
 import torch
 from torch import nn
 
-from symtools.audit import (Hyper, RunRecords, audit_model, describe_vgg, hyper_from_optimizer, infer_vgg,
+from symtools.audit import (Hyper, RecordedRun, audit_model, describe_vgg, hyper_from_optimizer, infer_vgg,
                             load_checkpoint_file)
 from symtools.audit.report import write_html
 from symtools.cli.main import main
@@ -513,7 +513,7 @@ def test_records_reader_understands_long_and_wide_layouts(tmp_path):
         t.append([[0, 1.0, 2.0, 3.0], [5, 4.0, 5.0, 6.0]])
         w.stream("train", ["step", "loss", "accuracy", "lr", "time_s"]).append([[1, 2.3, 0.1, 0.5, 0.0],
                                                                               [2, 2.2, 0.1, 0.25, 0.1]])
-    rec = RunRecords(tmp_path)
+    rec = RecordedRun(tmp_path)
     q = rec.quantities("rescale", "b → c", 2)
     np.testing.assert_array_equal(q["Q"][1], [10.1, 11.1])
     np.testing.assert_array_equal(q["G"][0], [0.0, -1.0])

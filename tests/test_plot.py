@@ -1,18 +1,21 @@
 """`symtools plot`: figures of a monitored run, bad input, and the lazy matplotlib import.
 
 One tiny monitored run (a 2-conv BatchNorm CNN, 6 steps of SGD with momentum, float32) is shared by the
-tests. Checks are on files (PNG/PDF signatures, non-trivial sizes) and exit codes, not on pixels.
+tests. Checks are on files (PNG/PDF signatures, non-trivial sizes) and exit codes, not on pixels; the words
+of the legends and titles (which law, which continuous theory) are checked on the figures' text.
 """
 
 from __future__ import annotations
 
 import importlib
+import re
 import sys
 
 import numpy as np
 import pytest
 import torch
 
+from symtools import plots
 from symtools.cli.main import main
 from symtools.nn.graph import find_symmetries
 from symtools.nn.small import cnn
@@ -24,18 +27,22 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ALL_FIGURES = ["layers", "groups_translation", "groups_scale", "groups_rescale", "momentum", "residuals"]
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def _train(out, steps=6, nesterov=False):
     torch.manual_seed(0)
     model = cnn(3, [4, 6], 5, 8, norm="batch")
     g = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(12, 3, 8, 8, generator=g), torch.randint(0, 5, (12,), generator=g)) for _ in range(6)]
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, weight_decay=5e-3, momentum=0.9)
+    batches = [(torch.randn(12, 3, 8, 8, generator=g), torch.randint(0, 5, (12,), generator=g)) for _ in range(steps)]
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, weight_decay=5e-3, momentum=0.9, nesterov=nesterov)
     monitor = Monitor(find_symmetries(model, batches[0][0][:1]), stride=2)
-    out = tmp_path_factory.mktemp("plot") / "run"
-    summary = train(model, opt, batches, 6, out_dir=out, callbacks=[monitor], progress=False)
-    assert summary["status"] == "completed" and summary["optimizer_law"] == "momentum"
+    summary = train(model, opt, batches, steps, out_dir=out, callbacks=[monitor], progress=False)
+    assert summary["status"] == "completed"
+    assert summary["optimizer_law"] == ("nesterov" if nesterov else "momentum")
     return out
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return _train(tmp_path_factory.mktemp("plot") / "run")
 
 
 def _assert_figure(path):
@@ -140,3 +147,74 @@ def test_package_imports_without_matplotlib(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     for name in ("symtools.plots", "symtools.cli.plot"):
         importlib.reload(importlib.import_module(name))  # no module-level matplotlib import
+
+
+# ----------------------------------------------------------------------------------------- the law's words
+def _texts(rec):
+    """{figure: (legend texts, title texts)} of every figure of a run, drawn without saving."""
+    figures = {"layers": plots.layers_figure(rec, rec.families),
+               "momentum": plots.momentum_figure(rec),
+               "residuals": plots.residuals_figure(rec, rec.families)}
+    figures.update({f"groups_{f}": plots.groups_figure(rec, f, 4) for f in rec.families})
+    out = {}
+    for name, fig in figures.items():
+        legends = list(fig.legends) + [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+        legend = [_words(t.get_text()) for lg in legends for t in lg.get_texts()]
+        suptitle = fig.get_suptitle() if hasattr(fig, "get_suptitle") else fig._suptitle.get_text()  # mpl < 3.8
+        titles = [_words(suptitle)] + [_words(ax.get_title()) for ax in fig.axes]
+        out[name] = (legend, titles)
+    return out
+
+
+def _words(text):
+    """A label with its line breaks (legends and titles are wrapped to fit) read as single spaces."""
+    return " ".join(text.split())
+
+
+def _flat(text):
+    return re.sub(r"\s+", "", text)
+
+
+def test_nesterov_run_is_labelled_with_the_nesterov_law_not_the_heavy_ball(tmp_path):
+    law = importlib.import_module("symtools.codegen.generated.law_translation_nesterov")
+    assert law.CONTINUOUS_MODEL is None  # the paper gives Nesterov no continuous theory
+    rec = plots.load_run(_train(tmp_path / "nesterov", steps=3, nesterov=True))
+    assert rec.optimizer == "nesterov"
+    texts = _texts(rec)
+    for name, (legend, titles) in texts.items():
+        words = " ".join(legend + titles).lower()
+        for wrong in ("heavy", "oscillator", "momentum law", "eqs. 33", "eqs 33", "continuous theory:"):
+            assert wrong not in words, (name, wrong, words)
+        if name != "residuals":  # the residuals figure draws no continuous line; it says so only where one could be
+            assert any("exact nesterov law" in t for t in legend), (name, legend)
+        assert any(_words(law.RULE) in t for t in titles), (name, titles)  # the derived update rule, in the title
+    # where a continuous line would be, the legend says the derivation has none
+    for name in ("layers", "momentum", "groups_scale", "residuals"):
+        assert any(t == "no continuous theory for the nesterov law" for t in texts[name][0]), (name, texts[name][0])
+    # the momentum figure's law is the nesterov module's own LAW for the translation charge
+    assert any(_flat(law.LAW["Q"]) in _flat(t) for t in texts["momentum"][0]), texts["momentum"][0]
+    heavy = importlib.import_module("symtools.codegen.generated.law_translation_momentum")
+    assert not any(_flat(heavy.LAW["Q"]) in _flat(t) for t in texts["momentum"][0])
+
+
+def test_heavy_ball_run_names_its_law_and_continuous_theory_from_the_derivation(run):
+    law = importlib.import_module("symtools.codegen.generated.law_translation_momentum")
+    theory = law.CONTINUOUS_MODEL.split(":", 1)[0]  # "modified flow with momentum (eqs. 33–38)"
+    texts = _texts(plots.load_run(run))
+    legend = texts["momentum"][0]
+    assert any(_flat(law.LAW["Q"]) in _flat(t) for t in legend) and "exact momentum law" in " ".join(legend)
+    assert f"continuous theory: {theory}" in legend
+    for name in ("layers", "residuals"):
+        assert f"continuous theory: {theory}" in texts[name][0], (name, texts[name][0])
+        assert not any("no continuous theory" in t for t in texts[name][0])
+
+
+def test_law_text_comes_from_the_module():
+    for fam in ("translation", "scale", "rescale"):
+        for opt in ("sgd", "momentum", "nesterov", "adam"):
+            module = importlib.import_module(f"symtools.codegen.generated.law_{fam}_{opt}")
+            text = plots.law_text(opt, fam)
+            assert (text.name, text.rule, text.law, text.found) == (module.OPTIMIZER, module.RULE, module.LAW["Q"], True)
+            assert text.continuous == (module.CONTINUOUS_MODEL.split(":")[0] if module.CONTINUOUS_MODEL else None)
+    assert plots.law_text(None, "scale") == plots.LawText(None)
+    assert plots.law_text("nosuchlaw", "scale") == plots.LawText("nosuchlaw")  # no module: the meta's name only

@@ -16,9 +16,9 @@ from symtools.audit.compare import Hyper, Prediction, Snapshot, hyper_from_optim
 from symtools.audit.core import audit_model
 from symtools.audit.loading import (Checkpoint, VGGArch, build_model_for, describe_vgg, fit_state_dict, infer_vgg,
                                     load_checkpoint_file)
-from symtools.audit.records import RunRecords
+from symtools.audit.records import RecordedRun
 from symtools.audit.report import render_table, write_html, write_json
 
 __all__ = ["audit_model", "load_checkpoint_file", "infer_vgg", "describe_vgg", "build_model_for", "fit_state_dict",
            "Checkpoint", "VGGArch", "group_charges", "distribution", "Hyper", "Prediction", "Snapshot",
-           "hyper_from_optimizer", "predicted_charges", "RunRecords", "render_table", "write_json", "write_html"]
+           "hyper_from_optimizer", "predicted_charges", "RecordedRun", "render_table", "write_json", "write_html"]

@@ -10,8 +10,9 @@ A run directory (``symtools.training.train``) holds ``records/`` (streams of flo
   ``F.``/``F_``/``charges.F``/``groups_F``. Three layouts are understood:
 
   - **monitor** (:class:`symtools.numeric.monitor.Monitor`, streams ``groups_<family>``): columns
-    ``QUANTITY|SITE|k`` with ``meta["sites"] = [[SITE, layer, count], …]``; ``measured`` is the charge Q after
-    the step, ``step``/``accumulated``/``continuous`` the monitor's predictions (read as ``Q_step`` …);
+    ``QUANTITY|SITE|k`` with ``meta["sites"] = [[SITE, layer, count], …]``, read by
+    :func:`symtools.numeric.record_schema.read_groups` (the grammar's one reader); ``measured`` is the charge Q
+    after the step, ``step``/``accumulated``/``continuous`` the monitor's predictions (read as ``Q_step`` …);
 
   - **long**: columns ``step``, ``group`` and quantity columns, plus either a ``layer`` (or ``set``) column
     indexing ``meta["layers"]`` (labels, or dicts with a ``layer`` key) or a single ``meta["layer"]`` label;
@@ -34,9 +35,10 @@ from typing import Any
 
 import numpy as np
 
+from symtools.numeric.record_schema import read_groups
 from symtools.numeric.records import list_streams, read_meta, read_stream
 
-__all__ = ["RunRecords"]
+__all__ = ["RecordedRun"]
 
 ALIASES = {"charge": "Q", "q": "Q", "measured": "Q", "accumulated": "Q_accumulated", "step": "Q_step",
            "continuous": "Q_continuous"}
@@ -44,8 +46,8 @@ _WIDE = re.compile(r"^(?P<name>[A-Za-z][A-Za-z0-9]*)(?:\[(?P<a>\d+)\]|[._](?P<b>
 _NON_QUANTITY = {"step", "group", "layer", "set", "layer_index", "set_index", "time_s", "index"}
 
 
-class RunRecords:
-    """The records of one run directory (or of a ``records`` directory itself)."""
+class RecordedRun:
+    """The records of one run directory (or of a ``records`` directory itself), as the audit reads them."""
 
     def __init__(self, run_dir: str | Path):
         run_dir = Path(run_dir)
@@ -180,34 +182,18 @@ class RunRecords:
 
     def _ingest_sites(self, name: str, family: str, cols: list[str], arr: np.ndarray, meta: dict) -> None:
         """The training monitor's layout: columns ``QUANTITY|SITE|k``, ``meta["sites"] = [[SITE, layer, count], …]``."""
-        listed = []
-        for item in meta["sites"]:
-            if isinstance(item, (list, tuple)) and len(item) >= 3:
-                listed.append((int(item[0]), str(item[1]), int(item[2])))
-            elif isinstance(item, dict) and "layer" in item:
-                listed.append((int(item.get("index", len(listed))), str(item["layer"]), int(item.get("count", 0))))
-        keys = _occurrences([lab for _, lab, _ in listed])
-        sites = {index: (key, count) for (index, _, count), key in zip(listed, keys)}
-        per: dict[tuple[str, int], list[tuple[int, int]]] = {}
-        for j, c in enumerate(cols):
-            parts = c.split("|")
-            if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
-                per.setdefault((parts[0], int(parts[1])), []).append((int(parts[2]), j))
-        if not per:
+        # a stream of unknown origin may hold other columns or entries: those are left out (strict=False)
+        sites = read_groups(cols, arr, meta["sites"], family=family, strict=False)
+        if not any(s.columns for s in sites):
             self._skipped[name] = "meta['sites'] but no QUANTITY|SITE|k columns"
             return
-        for (q, site), idx in per.items():
-            if site not in sites:
-                continue
-            layer, count = sites[site]
-            idx.sort()
-            order = [j for _, j in idx]
-            if count and len(order) != count:
-                continue
-            for row in arr:
-                vals = row[order]
-                if not np.isnan(vals).any():
-                    self._put(family, layer, q, int(row[0]), vals)
+        keys = _occurrences([s.layer for s in sites])
+        for site, layer in zip(sites, keys):
+            for q in site.columns:
+                block = site.values(q)
+                for step, vals in zip(arr[:, 0], block):
+                    if not np.isnan(vals).any():
+                        self._put(family, layer, q, int(step), vals)
 
     def _ingest_wide(self, name: str, family: str, cols: list[str], arr: np.ndarray, meta: dict,
                      labels: list[tuple[str, int | None]]) -> None:
