@@ -75,32 +75,31 @@ import itertools
 import json
 import math
 import os
-import re
-import signal
-import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from symtools.checkpoints import load_checkpoint_file
 from symtools.checkpoints import unwrap_model as _unwrap
 from symtools.errors import SymtoolsError
 from symtools.numeric.records import RecordWriter, read_stream
+from symtools.training_console import Progress, SigintDeferral
+from symtools.training_state import (CHECKPOINT_FORMAT, checkpoint_path, latest_checkpoint, list_checkpoints,
+                                     load_checkpoint, plain_config, restore_checkpoint, save_checkpoint)
 
 __all__ = [
     "train", "TrainContext", "TrainingDiverged", "CHECKPOINT_FORMAT",
     "list_checkpoints", "latest_checkpoint", "load_checkpoint", "checkpoint_path",
 ]
 
-CHECKPOINT_FORMAT = "symtools-checkpoint"
-_CKPT = re.compile(r"^step_(\d+)\.pt$")
 HOOKS = ("on_start", "before_step", "after_step", "on_checkpoint", "on_end", "status")
 TRAIN_COLUMNS = ["step", "loss", "accuracy", "lr", "time_s"]
+TRAIN_DESCRIPTION = ("one row per update: step n, loss and accuracy of the minibatch of update n (at the weights "
+                     "before it), learning rate of param group 0 used by update n, seconds since the run began (all "
+                     "segments)")
 RUNNING_WINDOW = 50
 
 
@@ -201,109 +200,7 @@ class _DiscardedRecords:
 
 
 # ---------------------------------------------------------------------------------------------------
-# checkpoints
-def checkpoint_path(out_dir: str | os.PathLike, step: int) -> Path:
-    return Path(out_dir) / "checkpoints" / f"step_{step:06d}.pt"
-
-
-def list_checkpoints(out_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """``[(step, path), ...]`` of ``out_dir/checkpoints/step_*.pt``, by step."""
-    d = Path(out_dir) / "checkpoints"
-    if not d.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _CKPT.match(p.name))]
-    return sorted(found)
-
-
-def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
-    found = list_checkpoints(out_dir)
-    return found[-1][1] if found else None
-
-
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    """A training checkpoint of this module as the dict it was saved as (read by the one safe loader,
-    :func:`symtools.checkpoints.load_checkpoint_file`: weights only, CRC and nan/inf checked)."""
-    ckpt = load_checkpoint_file(path)
-    if ckpt.kind != CHECKPOINT_FORMAT:
-        raise SymtoolsError(f"{path} is not a symtools training checkpoint (no 'format': '{CHECKPOINT_FORMAT}' "
-                            f"entry); resume needs the run's own checkpoints/step_NNNNNN.pt")
-    return ckpt.raw
-
-
-def _cpu(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, collections.OrderedDict):  # a state_dict: keep its _metadata (module versions)
-        out = collections.OrderedDict((k, _cpu(v)) for k, v in obj.items())
-        if hasattr(obj, "_metadata"):
-            out._metadata = obj._metadata
-        return out
-    if isinstance(obj, dict):
-        return {k: _cpu(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_cpu(v) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_cpu(v) for v in obj)
-    return obj
-
-
-def _plain(obj: Any, where: str = "config") -> Any:
-    """Coerce a config value to types ``torch.load(weights_only=True)`` and JSON both accept."""
-    if obj is None:
-        return obj
-    for kind in (bool, int, float, str):  # exact builtin types (torch.__version__ is a str subclass)
-        if isinstance(obj, kind):
-            return kind(obj)
-    if isinstance(obj, (torch.device, torch.dtype, Path)):
-        return str(obj)
-    if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:  # numpy / torch scalars
-        return obj.item()
-    if isinstance(obj, dict):
-        return {str(k): _plain(v, f"{where}.{k}") for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(obj)]
-    raise SymtoolsError(f"{where} holds a {type(obj).__name__}; checkpoint configs take numbers, strings, lists and dicts")
-
-
-def _rng_state(device: torch.device) -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict, device: torch.device) -> None:
-    if "torch" in state:
-        torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _save_checkpoint(ctx: TrainContext, step: int, elapsed: float) -> Path:
-    state = {
-        "format": CHECKPOINT_FORMAT, "version": 1, "step": int(step),
-        "model": _cpu(_unwrap(ctx.model).state_dict()),
-        "optimizer": _cpu(ctx.optimizer.state_dict()),
-        "rng": _rng_state(ctx.device),
-        "elapsed_s": float(elapsed),
-        "config": ctx.config,
-    }
-    if ctx.scheduler is not None:
-        state["scheduler"] = _cpu(ctx.scheduler.state_dict())
-    path = checkpoint_path(ctx.out_dir, step)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        torch.save(state, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    ctx.last_checkpoint = path
-    return path
-
-
-# ---------------------------------------------------------------------------------------------------
-# losses, finiteness, progress
+# losses, finiteness, summary file
 def _loss_fn(loss: str | Callable) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     if callable(loss):
         return loss
@@ -337,91 +234,6 @@ def _first_nonfinite(tensors: Sequence[tuple[str, str, torch.Tensor]]) -> tuple[
     return None  # float64 sums overflowed but every value is finite
 
 
-class _Progress:
-    """stderr progress: a live bar on a TTY; with ``mode=True`` and no TTY, a line every ~10 %."""
-
-    def __init__(self, mode: bool | None, start: int, total: int, callbacks: Sequence[Any]):
-        self.stream = sys.stderr
-        tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.live = mode is not False and tty
-        self.lines = mode is True and not tty
-        self.start, self.total = start, total
-        self.every = max(1, math.ceil(total / 10))
-        self.next_line = (start // self.every + 1) * self.every
-        self.status = [cb.status for cb in callbacks if callable(getattr(cb, "status", None))]
-        self.t0 = time.perf_counter()
-        self.last_draw = 0.0
-        self.width = 0
-
-    def text(self, step: int, loss: float, acc: float) -> str:
-        pct = 100.0 * step / self.total if self.total else 100.0
-        parts = [f"step {step}/{self.total} {pct:3.0f}%", f"loss {loss:.4g}"]
-        if not math.isnan(acc):
-            parts.append(f"acc {100 * acc:.1f}%")
-        for fn in self.status:
-            for k, v in (fn() or {}).items():
-                parts.append(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}")
-        dt = time.perf_counter() - self.t0
-        if step > self.start and dt > 0:
-            parts.append(f"{(step - self.start) / dt:.2f} step/s")
-        return " | ".join(parts)
-
-    def update(self, step: int, loss: float, acc: float) -> None:
-        if self.live:
-            now = time.perf_counter()
-            if now - self.last_draw >= 0.1 or step == self.total:
-                line = self.text(step, loss, acc)
-                self.stream.write("\r" + line.ljust(self.width))
-                self.stream.flush()
-                self.width, self.last_draw = len(line), now
-        elif self.lines and (step >= self.next_line or step == self.total):
-            self.stream.write(self.text(step, loss, acc) + "\n")
-            self.stream.flush()
-            while self.next_line <= step:
-                self.next_line += self.every
-
-    def note(self, message: str) -> None:
-        if self.live and self.width:
-            self.stream.write("\n")
-            self.width = 0
-        self.stream.write(message + "\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.live and self.width:
-            self.stream.write("\n")
-            self.stream.flush()
-            self.width = 0
-
-
-class _SigintDeferral:
-    """While active (main thread only), the first Ctrl-C sets a flag checked between updates; a second one aborts."""
-
-    def __init__(self, progress: _Progress):
-        self.requested = False
-        self.progress = progress
-        self.previous: Any = None
-        self.installed = False
-
-    def __enter__(self) -> "_SigintDeferral":
-        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
-            try:
-                self.previous = signal.signal(signal.SIGINT, self._handle)
-                self.installed = True
-            except (ValueError, OSError):  # pragma: no cover - embedded interpreters
-                self.installed = False
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.requested = True
-        signal.signal(signal.SIGINT, self.previous if callable(self.previous) else signal.default_int_handler)
-        self.progress.note("symtools: interrupt: stopping after this step (Ctrl-C again to abort at once)")
-
-    def __exit__(self, *exc: object) -> None:
-        if self.installed:
-            signal.signal(signal.SIGINT, self.previous if self.previous is not None else signal.default_int_handler)
-
-
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, torch.Tensor) and obj.numel() == 1:
         return obj.item()
@@ -439,6 +251,7 @@ def _write_json(path: Path, obj: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
+# train(): the run as a sequence of named steps
 def train(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -473,29 +286,100 @@ def train(
     ``scheduler``: optional LR scheduler, stepped once after every update. ``config``: extra plain
     values stored in checkpoints and the summary (e.g. the command line).
     """
+    stride = _checked_counts(steps, checkpoint_every)
+    device = _checked_device(device)
+    loss_fn = _loss_fn(loss)
+    hooks = _Hooks(callbacks)
+    folder = _claim_run_folder(Path(out_dir), resume=resume, overwrite=overwrite)
+    model.to(device)
+    run_config = _run_config(model, optimizer, scheduler, batches, steps, stride, device, loss, config)
+    ctx = _new_context(model, optimizer, scheduler, loss_fn, folder, device, run_config, steps)
+    elapsed_before = _restore_or_reset(ctx, folder, resume=resume, steps=steps)
+    train_stream = ctx.records.stream("train", TRAIN_COLUMNS, TRAIN_DESCRIPTION)
+    batch_iter = _batches_from(batches, ctx.start_step)
+    progress_bar = Progress(progress if folder.rank == 0 else False, ctx.start_step, steps, hooks.callbacks)
+    stats = _RunningStats.resumed(folder.records, ctx.start_step)
+    run = _TrainingRun(ctx, hooks, folder, stride, train_stream, progress_bar, stats, _Clock(elapsed_before))
+    with SigintDeferral(progress_bar) as sigint:
+        return run.run(batch_iter, sigint)
+
+
+def _checked_counts(steps: int, checkpoint_every: int | None) -> int:
+    """Refuse a negative or non-integer ``steps`` / ``checkpoint_every``; hand on the checkpoint stride (0: none)."""
     if not isinstance(steps, int) or steps < 0:
         raise SymtoolsError(f"steps must be a non-negative integer, got {steps!r}")
     if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 0):
         raise SymtoolsError(f"checkpoint_every must be a non-negative integer, got {checkpoint_every!r}")
-    stride = checkpoint_every or 0
+    return checkpoint_every or 0
+
+
+def _checked_device(device: str | torch.device) -> torch.device:
+    """The :class:`torch.device`; refuses CUDA where it is not available."""
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SymtoolsError("device 'cuda' requested but CUDA is not available here: use device 'cpu'")
-    loss_fn = _loss_fn(loss)
-    callbacks = list(callbacks)
-    for cb in callbacks:
-        if not any(callable(getattr(cb, h, None)) for h in HOOKS):
-            raise SymtoolsError(f"callback {cb!r} has none of the methods {', '.join(HOOKS)}")
-    hooks = {h: [getattr(cb, h) for cb in callbacks if callable(getattr(cb, h, None))] for h in HOOKS}
-    end_hooks = [(type(cb).__name__, cb.on_end) for cb in callbacks if callable(getattr(cb, "on_end", None))]
+    return device
 
-    out_dir = Path(out_dir)
+
+class _Hooks:
+    """The callbacks' methods by hook name (module docstring, "Callback protocol"): checked and looked up once,
+    called in the callbacks' order."""
+
+    def __init__(self, callbacks: Sequence[Any]):
+        self.callbacks = list(callbacks)
+        for cb in self.callbacks:
+            if not any(callable(getattr(cb, h, None)) for h in HOOKS):
+                raise SymtoolsError(f"callback {cb!r} has none of the methods {', '.join(HOOKS)}")
+        self.by_name = {h: [getattr(cb, h) for cb in self.callbacks if callable(getattr(cb, h, None))] for h in HOOKS}
+        self.on_end = [(type(cb).__name__, cb.on_end) for cb in self.callbacks if callable(getattr(cb, "on_end", None))]
+
+    def call(self, name: str, ctx: TrainContext) -> None:
+        """Every callback's ``name`` hook with ``ctx``."""
+        for fn in self.by_name[name]:
+            fn(ctx)
+
+    def end(self, ctx: TrainContext, summary: dict, error: BaseException | None) -> None:
+        """Every ``on_end``; what they return is merged into ``summary`` (a key clashing with the loop's own as
+        ``"<CallbackClass>.<key>"``). When the run already failed (``error``), a failing ``on_end`` is listed
+        under ``callback_errors`` and the others still run; otherwise its exception propagates."""
+        reserved = set(summary)
+        problems = []
+        for owner, fn in self.on_end:
+            try:
+                extra = fn(ctx)
+            except Exception as exc:  # keep the other callbacks' flushes and the summary
+                if error is None:
+                    raise
+                problems.append(f"{owner}.on_end failed: {exc!r}")
+                continue
+            for k, v in (extra or {}).items():
+                summary[f"{owner}.{k}" if k in reserved else k] = v
+        if problems:
+            summary["callback_errors"] = problems
+
+
+@dataclass
+class _RunFolder:
+    """The run folder as :func:`_claim_run_folder` found it, and who writes to it."""
+
+    path: Path
+    records: Path  # path / "records"
+    existing: list[tuple[int, Path]]  # the checkpoints found there, by step
+    replace: bool  # a run was there and is being replaced (overwrite=True)
+    rank: int  # torch.distributed rank (0 when not distributed); only rank 0 writes
+    world: int
+
+
+def _claim_run_folder(out_dir: Path, *, resume: bool, overwrite: bool) -> _RunFolder:
+    """Look at ``out_dir`` (every rank) and refuse a file, or a folder holding a run unless ``resume`` or
+    ``overwrite``; then rank 0 creates the folder and deletes a replaced run's checkpoints (its records are
+    emptied later, by :func:`_restore_or_reset`). Hands on what was found."""
     rank, world = _rank_and_world()
     existing = list_checkpoints(out_dir)
     records_dir = out_dir / "records"
     if out_dir.exists() and not out_dir.is_dir():
         raise SymtoolsError(f"{out_dir} is a file, not a folder: give a new folder for the run")
-    replace = not resume and (existing or any(p.stat().st_size for p in records_dir.glob("*.f64")))
+    replace = not resume and bool(existing or any(p.stat().st_size for p in records_dir.glob("*.f64")))
     if replace and not overwrite:
         raise SymtoolsError(f"{out_dir} already holds a run: resume it (resume=True / --resume), replace it "
                             f"(overwrite=True / --force) or choose a new directory")
@@ -509,10 +393,14 @@ def train(
         if replace:  # only what a run consists of: its checkpoints here, its records below
             for _, old in existing:
                 old.unlink()
+    return _RunFolder(out_dir, records_dir, existing, replace, rank, world)
 
-    model.to(device)
-    param_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-    run_config = _plain({
+
+def _run_config(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, batches: Any, steps: int,
+                stride: int, device: torch.device, loss: str | Callable, config: dict | None) -> dict:
+    """The plain values stored in every checkpoint and the summary: the loop's settings, the classes, the data's
+    ``config``, the torch version, then the caller's ``config`` (which wins on a clash)."""
+    return plain_config({
         "steps": steps, "checkpoint_every": stride, "device": str(device),
         "loss": loss if isinstance(loss, str) else getattr(loss, "__name__", repr(loss)),
         "model_class": type(_unwrap(model)).__name__, "optimizer_class": type(optimizer).__name__,
@@ -521,173 +409,266 @@ def train(
         **(config or {}),
     })
 
-    records = RecordWriter(records_dir) if rank == 0 else _DiscardedRecords(records_dir)
-    ctx = TrainContext(model=model, optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn, records=records,
-                       out_dir=out_dir, device=device, config=run_config, steps=steps, rank=rank, world_size=world)
+
+def _new_context(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, loss_fn: Callable,
+                 folder: _RunFolder, device: torch.device, run_config: dict, steps: int) -> TrainContext:
+    """The context callbacks see, with the run's record writer (one that discards rows on ranks other than 0)."""
+    records = RecordWriter(folder.records) if folder.rank == 0 else _DiscardedRecords(folder.records)
+    return TrainContext(model=model, optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn, records=records,
+                        out_dir=folder.path, device=device, config=run_config, steps=steps, rank=folder.rank,
+                        world_size=folder.world)
+
+
+def _restore_or_reset(ctx: TrainContext, folder: _RunFolder, *, resume: bool, steps: int) -> float:
+    """Resume from the latest checkpoint (model, optimizer, scheduler, RNG; records truncated to its step), or
+    empty the records of a run being replaced or resumed without a checkpoint. Sets ``ctx.start_step`` and
+    ``ctx.step``; hands on the seconds the run had already taken. The records are closed if this fails."""
     start_step, elapsed_before = 0, 0.0
     try:
-        if resume and existing:
-            start_step, elapsed_before = _resume(ctx, existing[-1], steps)
-            records.truncate_to_step(start_step)
-        elif resume or replace:
-            records.truncate_to_step(-math.inf)
+        if resume and folder.existing:
+            start_step, elapsed_before = restore_checkpoint(ctx, folder.existing[-1], steps)
+            ctx.records.truncate_to_step(start_step)
+        elif resume or folder.replace:
+            ctx.records.truncate_to_step(-math.inf)
     except BaseException:
-        records.close()
+        ctx.records.close()
         raise
     ctx.start_step = ctx.step = start_step
-    train_stream = records.stream(
-        "train", TRAIN_COLUMNS,
-        "one row per update: step n, loss and accuracy of the minibatch of update n (at the weights before it), "
-        "learning rate of param group 0 used by update n, seconds since the run began (all segments)")
+    return elapsed_before
 
+
+def _batches_from(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], start_step: int) -> Iterator:
+    """The batch stream from batch ``start_step`` on: by position for a BatchStream, else by skipping."""
     if hasattr(batches, "iter_from"):
-        batch_iter = iter(batches.iter_from(start_step))
-    else:
-        batch_iter = itertools.islice(iter(batches), start_step, None)
+        return iter(batches.iter_from(start_step))
+    return itertools.islice(iter(batches), start_step, None)
 
-    progress_bar = _Progress(progress if rank == 0 else False, start_step, steps, callbacks)
-    window_loss: collections.deque = collections.deque(maxlen=RUNNING_WINDOW)
-    window_acc: collections.deque = collections.deque(maxlen=RUNNING_WINDOW)
-    last = {"loss": math.nan, "accuracy": math.nan}
-    if start_step > 0:  # a resumed run's summary covers the steps before it too
-        rows = read_stream(records_dir, "train")[1]
-        for row in rows[rows[:, 0] <= start_step][-RUNNING_WINDOW:]:  # rank 0 may not have truncated yet
-            window_loss.append(float(row[1]))
-            window_acc.append(float(row[2]))
-            last.update(loss=float(row[1]), accuracy=float(row[2]))
-    t0 = time.perf_counter()
-    completed = start_step
-    phase = "boundary"
-    stop = False  # distributed runs: some rank was asked to stop (reduced with the loss each update)
 
-    def elapsed() -> float:
-        return elapsed_before + time.perf_counter() - t0
+class _RunningStats:
+    """The last update's loss and accuracy and their means over the last ``RUNNING_WINDOW`` updates."""
 
-    def checkpoint(step: int) -> None:
-        if rank != 0:
-            return
-        records.flush(fsync=True)
-        _save_checkpoint(ctx, step, elapsed())
-        for fn in hooks["on_checkpoint"]:
-            fn(ctx)
+    def __init__(self) -> None:
+        self.window_loss: collections.deque = collections.deque(maxlen=RUNNING_WINDOW)
+        self.window_acc: collections.deque = collections.deque(maxlen=RUNNING_WINDOW)
+        self.last = {"loss": math.nan, "accuracy": math.nan}
 
-    def finish(state: str, error: BaseException | None) -> dict:
-        ctx.state, ctx.error = state, error
-        progress_bar.close()
-        summary: dict[str, Any] = {
-            "status": state, "steps": completed, "target_steps": steps, "start_step": start_step,
-            "final_loss": last["loss"], "final_accuracy": last["accuracy"],
-            "running_loss": sum(window_loss) / len(window_loss) if window_loss else math.nan,
-            "running_accuracy": sum(window_acc) / len(window_acc) if window_acc else math.nan,
-            "running_window": len(window_loss),
-            "wall_time_s": time.perf_counter() - t0, "total_time_s": elapsed(),
-            "checkpoints": [p.name for _, p in list_checkpoints(out_dir)],
-            "last_checkpoint": ctx.last_checkpoint.name if ctx.last_checkpoint else None,
-            "error": str(error) if error is not None and state == "failed" else None,
-            "config": run_config,
-        }
-        reserved = set(summary)
-        problems = []
-        for owner, fn in end_hooks:
-            try:
-                extra = fn(ctx)
-            except Exception as exc:  # keep the other callbacks' flushes and the summary
-                if error is None:
-                    raise
-                problems.append(f"{owner}.on_end failed: {exc!r}")
-                continue
-            for k, v in (extra or {}).items():
-                summary[f"{owner}.{k}" if k in reserved else k] = v
-        if problems:
-            summary["callback_errors"] = problems
-        summary["records"] = sorted(records.streams)
-        records.flush(fsync=True)
-        if rank == 0:
-            _write_json(out_dir / "summary.json", summary)
-        return summary
+    @classmethod
+    def resumed(cls, records_dir: Path, start_step: int) -> "_RunningStats":
+        """Empty for a new run; a resumed run's figures are refilled from its ``train`` stream up to ``start_step``
+        (so its summary covers the steps before it too)."""
+        stats = cls()
+        if start_step > 0:
+            rows = read_stream(records_dir, "train")[1]
+            for row in rows[rows[:, 0] <= start_step][-RUNNING_WINDOW:]:  # rank 0 may not have truncated yet
+                stats.add(float(row[1]), float(row[2]))
+        return stats
 
-    with _SigintDeferral(progress_bar) as sigint:
+    def add(self, loss_v: float, acc: float) -> None:
+        self.last.update(loss=loss_v, accuracy=acc)
+        self.window_loss.append(loss_v)
+        self.window_acc.append(acc)
+
+    def means(self) -> tuple[float, float]:
+        """(running loss, running accuracy); at least one update has been added."""
+        return sum(self.window_loss) / len(self.window_loss), sum(self.window_acc) / len(self.window_acc)
+
+    def summary(self) -> dict:
+        """The summary's ``final_*``, ``running_*`` and ``running_window`` entries (nan before any update)."""
+        wl, wa = self.window_loss, self.window_acc
+        return {"final_loss": self.last["loss"], "final_accuracy": self.last["accuracy"],
+                "running_loss": sum(wl) / len(wl) if wl else math.nan,
+                "running_accuracy": sum(wa) / len(wa) if wa else math.nan,
+                "running_window": len(wl)}
+
+
+class _Clock:
+    """Seconds of this call (``wall``) and of the whole run, earlier segments included (``elapsed``)."""
+
+    def __init__(self, elapsed_before: float):
+        self.elapsed_before = elapsed_before
+        self.t0 = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.t0
+
+    def wall(self) -> float:
+        return time.perf_counter() - self.t0
+
+
+class _TrainingRun:
+    """Runs the updates of one :func:`train` call and closes the run however it ends.
+
+    Keeps its own references to the model, optimizer, scheduler, loss and records (what callbacks do to ``ctx``
+    does not redirect the loop) and where the loop is: ``completed`` (the last finished update) and ``phase``
+    ("data", "forward", "update", "after" or "boundary": whether a Ctrl-C came between updates, so that the last
+    completed step can be checkpointed)."""
+
+    def __init__(self, ctx: TrainContext, hooks: _Hooks, folder: _RunFolder, stride: int, train_stream: Any,
+                 progress: Progress, stats: _RunningStats, clock: _Clock):
+        self.ctx, self.hooks, self.folder, self.stride = ctx, hooks, folder, stride
+        self.train_stream, self.progress, self.stats, self.clock = train_stream, progress, stats, clock
+        self.model, self.optimizer, self.scheduler, self.loss_fn = ctx.model, ctx.optimizer, ctx.scheduler, ctx.loss_fn
+        self.records, self.device, self.config = ctx.records, ctx.device, ctx.config
+        self.steps, self.start_step = ctx.steps, ctx.start_step
+        self.input_dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), None)
+        self.completed = ctx.start_step
+        self.phase = "boundary"
+        self.stop = False  # distributed runs: some rank was asked to stop (reduced with the loss each update)
+
+    def run(self, batch_iter: Iterator, sigint: SigintDeferral) -> dict:
+        """``on_start``, the checkpoint of step 0, every update, then the summary. On an exception the run is
+        closed as "failed" or "interrupted" (summary, ``on_end``) and the exception re-raised; the records are
+        closed in every case."""
         try:
-            for fn in hooks["on_start"]:
-                fn(ctx)
-            if start_step == 0:
-                checkpoint(0)
-            for step in range(start_step + 1, steps + 1):
-                phase = "data"
-                try:
-                    x, y = next(batch_iter)
-                except StopIteration:
-                    raise SymtoolsError(
-                        f"the batches ran out before step {step}: pass an endless stream (symtools.data.make_loader) "
-                        "or fewer steps") from None
-                if param_dtype is not None and x.is_floating_point():
-                    x = x.to(device=device, dtype=param_dtype)
-                else:
-                    x = x.to(device)
-                y = y.to(device)
-                ctx.step, ctx.batch = step, (x, y)
-                phase = "forward"
-                model.train()
-                optimizer.zero_grad(set_to_none=True)
-                logits = model(x)
-                loss_t = loss_fn(logits, y)
-                loss_t.backward()
-                loss_v = float(loss_t.detach())
-                if logits.ndim == 2 and y.ndim == 1 and not y.is_floating_point():
-                    acc = float((logits.detach().argmax(dim=1) == y).to(torch.float64).mean())
-                else:
-                    acc = math.nan
-                if world > 1:  # every rank logs the same mean and stops after the same update
-                    loss_v, acc, stop = _mean_over_ranks(loss_v, acc, sigint.requested, device)
-                if not math.isfinite(loss_v):
-                    _raise_bad_loss(model, x, step, loss_v)
-                ctx.loss, ctx.logits = loss_t.detach(), logits.detach()
-                for fn in hooks["before_step"]:
-                    fn(ctx)
-                lr = float(optimizer.param_groups[0].get("lr", math.nan))
-                phase = "update"
-                optimizer.step()
-                phase = "after"
-                bad = _first_nonfinite(_named_tensors(_unwrap(model)))
-                if bad is not None:
-                    kind, name, what = bad
-                    raise TrainingDiverged(f"{kind} {name!r} is not finite after step {step} ({what})",
-                                           step=step, name=name)
-                for fn in hooks["after_step"]:
-                    fn(ctx)
-                if scheduler is not None:
-                    scheduler.step()
-                last.update(loss=loss_v, accuracy=acc)
-                window_loss.append(loss_v)
-                window_acc.append(acc)
-                train_stream.append([step, loss_v, acc, lr, elapsed()])
-                records.flush(fsync=False)
-                completed = step
-                phase = "boundary"
-                progress_bar.update(step, sum(window_loss) / len(window_loss), sum(window_acc) / len(window_acc))
-                if step == steps or (stride and step % stride == 0):
-                    checkpoint(step)
-                if (stop if world > 1 else sigint.requested):
-                    raise KeyboardInterrupt
-            return finish("completed", None)
+            self.hooks.call("on_start", self.ctx)
+            if self.start_step == 0:
+                self.checkpoint(0)
+            for step in range(self.start_step + 1, self.steps + 1):
+                self.update(step, batch_iter, sigint)
+            return self.finish("completed", None)
         except TrainingDiverged as exc:
-            exc.args = (f"{exc.args[0]}; records kept in {records_dir}"
-                        + (f", last checkpoint {ctx.last_checkpoint.name}" if ctx.last_checkpoint else ""),)
-            finish("failed", exc)
+            exc.args = (f"{exc.args[0]}; records kept in {self.folder.records}"
+                        + (f", last checkpoint {self.ctx.last_checkpoint.name}" if self.ctx.last_checkpoint else ""),)
+            self.finish("failed", exc)
             raise
         except KeyboardInterrupt as exc:
-            if phase == "boundary" and (ctx.last_checkpoint is None or ctx.last_checkpoint != checkpoint_path(out_dir, completed)):
-                checkpoint(completed)
-            elif phase != "boundary":
-                progress_bar.note(f"symtools: interrupted inside step {completed + 1}; no checkpoint of it written "
-                                  f"(last: {ctx.last_checkpoint.name if ctx.last_checkpoint else 'none'})")
-            finish("interrupted", exc)
+            self._checkpoint_interrupted()
+            self.finish("interrupted", exc)
             raise
         except BaseException as exc:
-            finish("failed", exc)
+            self.finish("failed", exc)
             raise
         finally:
-            records.close()
+            self.records.close()
+
+    def update(self, step: int, batch_iter: Iterator, sigint: SigintDeferral) -> None:
+        """Update ``step`` with the hooks around ``optimizer.step()``, then its row, progress and checkpoint;
+        raises :class:`TrainingDiverged` on a non-finite loss or weight, ``KeyboardInterrupt`` after the update
+        when a stop was asked."""
+        ctx = self.ctx
+        self.phase = "data"
+        x, y = self._next_batch(step, batch_iter)
+        ctx.step, ctx.batch = step, (x, y)
+        self.phase = "forward"
+        loss_t, logits = self._forward_backward(x, y)
+        loss_v, acc = self._logged_figures(loss_t, logits, y, sigint)
+        if not math.isfinite(loss_v):
+            _raise_bad_loss(self.model, x, step, loss_v)
+        ctx.loss, ctx.logits = loss_t.detach(), logits.detach()
+        self.hooks.call("before_step", ctx)
+        lr = float(self.optimizer.param_groups[0].get("lr", math.nan))
+        self.phase = "update"
+        self.optimizer.step()
+        self.phase = "after"
+        _raise_if_diverged(self.model, step)
+        self.hooks.call("after_step", ctx)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self._close_update(step, loss_v, acc, lr)
+        if (self.stop if self.folder.world > 1 else sigint.requested):
+            raise KeyboardInterrupt
+
+    def _next_batch(self, step: int, batch_iter: Iterator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next ``(x, y)`` on the device, floating inputs cast to the parameters' dtype."""
+        try:
+            x, y = next(batch_iter)
+        except StopIteration:
+            raise SymtoolsError(
+                f"the batches ran out before step {step}: pass an endless stream (symtools.data.make_loader) "
+                "or fewer steps") from None
+        if self.input_dtype is not None and x.is_floating_point():
+            x = x.to(device=self.device, dtype=self.input_dtype)
+        else:
+            x = x.to(self.device)
+        y = y.to(self.device)
+        return x, y
+
+    def _forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward in train mode and backward; hands on the loss and the logits (``p.grad`` holds the gradient)."""
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        logits = self.model(x)
+        loss_t = self.loss_fn(logits, y)
+        loss_t.backward()
+        return loss_t, logits
+
+    def _logged_figures(self, loss_t: torch.Tensor, logits: torch.Tensor, y: torch.Tensor,
+                        sigint: SigintDeferral) -> tuple[float, float]:
+        """The loss and accuracy logged for this update (nan accuracy unless logits are (N, C) and ``y`` class
+        indices). In a distributed run both are averaged over the ranks, and ``self.stop`` says whether any rank
+        was asked to stop."""
+        loss_v = float(loss_t.detach())
+        if logits.ndim == 2 and y.ndim == 1 and not y.is_floating_point():
+            acc = float((logits.detach().argmax(dim=1) == y).to(torch.float64).mean())
+        else:
+            acc = math.nan
+        if self.folder.world > 1:  # every rank logs the same mean and stops after the same update
+            loss_v, acc, self.stop = _mean_over_ranks(loss_v, acc, sigint.requested, self.device)
+        return loss_v, acc
+
+    def _close_update(self, step: int, loss_v: float, acc: float, lr: float) -> None:
+        """The update's ``train`` row (records flushed without fsync), the running figures and the progress bar;
+        then the checkpoint when one is due (every ``stride`` steps and at the last step)."""
+        self.stats.add(loss_v, acc)
+        self.train_stream.append([step, loss_v, acc, lr, self.clock.elapsed()])
+        self.records.flush(fsync=False)
+        self.completed = step
+        self.phase = "boundary"
+        self.progress.update(step, *self.stats.means())
+        if step == self.steps or (self.stride and step % self.stride == 0):
+            self.checkpoint(step)
+
+    def checkpoint(self, step: int) -> None:
+        """Rank 0: flush the records (fsync), write the checkpoint of ``step``, call ``on_checkpoint``."""
+        if self.folder.rank != 0:
+            return
+        self.records.flush(fsync=True)
+        save_checkpoint(self.ctx, step, self.clock.elapsed())
+        self.hooks.call("on_checkpoint", self.ctx)
+
+    def _checkpoint_interrupted(self) -> None:
+        """After a Ctrl-C between updates: checkpoint the last completed step unless that was just written;
+        inside an update: say that no checkpoint of it is written."""
+        last = self.ctx.last_checkpoint
+        if self.phase == "boundary" and (last is None or last != checkpoint_path(self.folder.path, self.completed)):
+            self.checkpoint(self.completed)
+        elif self.phase != "boundary":
+            self.progress.note(f"symtools: interrupted inside step {self.completed + 1}; no checkpoint of it written "
+                               f"(last: {last.name if last else 'none'})")
+
+    def finish(self, state: str, error: BaseException | None) -> dict:
+        """Close the run as ``state`` ("completed" | "interrupted" | "failed"): progress bar, summary with what
+        ``on_end`` returns, records flushed (fsync), ``summary.json`` on rank 0. Hands on the summary."""
+        self.ctx.state, self.ctx.error = state, error
+        self.progress.close()
+        summary = self._summary(state, error)
+        self.hooks.end(self.ctx, summary, error)
+        summary["records"] = sorted(self.records.streams)
+        self.records.flush(fsync=True)
+        if self.folder.rank == 0:
+            _write_json(self.folder.path / "summary.json", summary)
+        return summary
+
+    def _summary(self, state: str, error: BaseException | None) -> dict:
+        """The loop's own summary entries (module docstring, "Run directory")."""
+        last = self.ctx.last_checkpoint
+        return {
+            "status": state, "steps": self.completed, "target_steps": self.steps, "start_step": self.start_step,
+            **self.stats.summary(),
+            "wall_time_s": self.clock.wall(), "total_time_s": self.clock.elapsed(),
+            "checkpoints": [p.name for _, p in list_checkpoints(self.folder.path)],
+            "last_checkpoint": last.name if last else None,
+            "error": str(error) if error is not None and state == "failed" else None,
+            "config": self.config,
+        }
+
+
+def _raise_if_diverged(model: torch.nn.Module, step: int) -> None:
+    """After ``optimizer.step()``: :class:`TrainingDiverged` naming the first non-finite parameter or buffer."""
+    bad = _first_nonfinite(_named_tensors(_unwrap(model)))
+    if bad is not None:
+        kind, name, what = bad
+        raise TrainingDiverged(f"{kind} {name!r} is not finite after step {step} ({what})", step=step, name=name)
 
 
 def _mean_over_ranks(loss_v: float, acc: float, stop: bool, device: torch.device) -> tuple[float, float, bool]:
@@ -696,26 +677,6 @@ def _mean_over_ranks(loss_v: float, acc: float, stop: bool, device: torch.device
     torch.distributed.all_reduce(t)
     world = torch.distributed.get_world_size()
     return float(t[0]) / world, float(t[1]) / world, bool(t[2] > 0)
-
-
-def _resume(ctx: TrainContext, latest: tuple[int, Path], steps: int) -> tuple[int, float]:
-    """Load the latest checkpoint into the model, optimizer, scheduler and RNG; return ``(step, elapsed_s)``."""
-    ckpt_step, ckpt_path = latest
-    ckpt = load_checkpoint(ckpt_path)
-    if int(ckpt.get("step", -1)) != ckpt_step:
-        raise SymtoolsError(f"{ckpt_path} says step {ckpt.get('step')}, its name says {ckpt_step}")
-    if ckpt_step > steps:
-        raise SymtoolsError(f"the latest checkpoint of {ctx.out_dir} is at step {ckpt_step}, past steps={steps}")
-    try:
-        _unwrap(ctx.model).load_state_dict(ckpt["model"])
-        ctx.optimizer.load_state_dict(ckpt["optimizer"])
-        if ctx.scheduler is not None and "scheduler" in ckpt:
-            ctx.scheduler.load_state_dict(ckpt["scheduler"])
-    except (RuntimeError, ValueError, KeyError) as exc:
-        raise SymtoolsError(f"cannot resume from {ckpt_path}: it does not fit this model/optimizer: {exc}") from None
-    _set_rng_state(ckpt.get("rng", {}), ctx.device)
-    ctx.last_checkpoint = ckpt_path
-    return ckpt_step, float(ckpt.get("elapsed_s", 0.0))
 
 
 def _raise_bad_loss(model: torch.nn.Module, x: torch.Tensor, step: int, loss_v: float) -> None:

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from types import ModuleType
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
 
-from symtools.audit.charges import CHARGE_NAMES, as_float64, distribution, family_charge_modules, group_charges
+from symtools.audit.charges import (CHARGE_NAMES, LayerCharges, as_float64, distribution, family_charge_modules,
+                                    group_charges)
 from symtools.audit.compare import (SAFETY, Hyper, Snapshot, _identity_roundoff, compare_prediction, law_module,
                                     predicted_charges, same_density, vs_init)
 from symtools.audit.loading import Checkpoint, optimizer_buffers
@@ -66,7 +69,14 @@ def _buffers_by_kind(ckpt: Checkpoint | None, names: list[str], shapes: dict) ->
 
 
 def _generator_is_constant(module: ModuleType) -> bool:
-    """v does not depend on θ (translation-like): probed on two random arguments."""
+    """v does not depend on θ (translation-like): the fact the emitter derives symbolically, ``GENERATOR_CONSTANT``."""
+    if not hasattr(module, "GENERATOR_CONSTANT"):  # TODO remove when regenerated (with the probe below)
+        return _probe_generator_is_constant(module)
+    return bool(module.GENERATOR_CONSTANT)
+
+
+def _probe_generator_is_constant(module: ModuleType) -> bool:  # TODO remove when regenerated
+    """The former numeric probe, for modules emitted before ``GENERATOR_CONSTANT``: two random arguments."""
     gen = torch.Generator().manual_seed(1)
     for slot, fn in module.GENERATOR.items():
         n = len(module.ARGS["generator"][slot])
@@ -113,7 +123,7 @@ def audit_model(model: nn.Module, inputs: Tensor, targets: Tensor, *, checkpoint
     * ``init``: the initial weights (a :class:`Checkpoint` or a state_dict) for "vs init" and the laws;
       ``init_step`` overrides its step (default: the checkpoint's step, else 0);
     * ``hyper``: the training hypothesis (:class:`~symtools.audit.compare.Hyper`); ``records``: the run's
-      :class:`~symtools.audit.records.RunRecords`; ``target_step``: the audited step (default
+      :class:`~symtools.audit.records.RecordedRun`; ``target_step``: the audited step (default
       init step + hyper.steps, else the checkpoint's step);
     * ``identities``: check the gradient and Hessian identities (:func:`symtools.numeric.checker.check`) in
       ``check_dtype`` (None: the model's dtype).
@@ -121,184 +131,367 @@ def audit_model(model: nn.Module, inputs: Tensor, targets: Tensor, *, checkpoint
     The model's parameters, buffers and train/eval flags are left as they were. Schema: docs/commands/audit.md.
     """
     say = progress or (lambda msg: None)
-    seconds: dict[str, float] = {}
-    t_all = time.perf_counter()
-    names = [n for n, _ in model.named_parameters()]
-    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    weight_dtype = next(model.parameters()).dtype
+    clock = _StepClock()
+    layout = _Layout.of(model)
     notes: list[str] = []
+    with clock.step("groups"):
+        symmetries, sets = _symmetry_groups(model, inputs, loss, symmetries, say)
+    with clock.step("charges"):
+        charges = _charges(model, sets, init, layout, modules, notes, say)
+    report_ident = None
+    if identities:
+        with clock.step("identities"):
+            report_ident = _identity_report(model, inputs, targets, symmetries, loss, check_dtype, seed, modules, say)
+    with clock.step("loss_and_gradients"):
+        losses = _losses(model, inputs, targets, loss, hyper, charges, layout, say)
+    with clock.step("comparisons"):
+        buffers = _Buffers.of(checkpoint, charges.init_ckpt, layout)
+        start = _init_step(init_step, charges.init_ckpt)
+        now_snap = _now_snapshot(checkpoint, sets, charges, buffers, losses, layout)
+        init_snap = _init_snapshot(start, sets, charges, buffers, losses, layout, now_snap)
+        predictions = _predictions(init_snap, hyper, records, target_step, checkpoint, notes)
+        say("comparisons")
+        layers = [_layer_report(key, gs, charges, predictions.get(key, []), now_snap, init_snap, buffers.now, hyper,
+                                modules, losses.func_vs_init) for key, gs in enumerate(sets)]
+    return _jsonable(_report(
+        model=model, inputs=inputs, info=info, checkpoint=checkpoint, layout=layout, charges=charges, start=start,
+        hyper=hyper, records=records, report_ident=report_ident, losses=losses, sets=sets, layers=layers,
+        buffers=buffers, symmetries=symmetries, notes=notes, seconds=clock.total()))
 
-    t = time.perf_counter()
+
+class _StepClock:
+    """Seconds per audit step, in the order the steps ran, and the total since the clock was made (the
+    report's ``seconds``)."""
+
+    def __init__(self) -> None:
+        self.t_all = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        t = time.perf_counter()
+        yield
+        self.seconds[name] = time.perf_counter() - t
+
+    def total(self) -> dict[str, float]:
+        """The per-step seconds with ``total`` added."""
+        self.seconds["total"] = time.perf_counter() - self.t_all
+        return self.seconds
+
+
+@dataclass
+class _Layout:
+    """The audited model's parameter names (in order), their shapes, and the weights' dtype."""
+
+    names: list[str]
+    shapes: dict[str, tuple]
+    dtype: torch.dtype
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "_Layout":
+        return cls([n for n, _ in model.named_parameters()], {n: tuple(p.shape) for n, p in model.named_parameters()},
+                   next(model.parameters()).dtype)
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).replace("torch.", "")
+
+
+def _symmetry_groups(model: nn.Module, inputs: Tensor, loss: str, symmetries: SymmetryMap | None,
+                     say: Callable[[str], None]) -> tuple[SymmetryMap, list[GroupSet]]:
+    """The symmetry map (found by the graph walk unless given) and its group sets; refuses a model with none."""
     say("symmetry groups (graph walk)")
     if symmetries is None:
         symmetries = find_symmetries(model, inputs[:1].to(next(model.parameters()).device), loss=loss)
     sets: list[GroupSet] = list(symmetries.group_sets)
     if not sets:
         raise SymtoolsError(f"{type(model).__name__} has no symmetry groups the graph walk can find; nothing to audit")
-    seconds["groups"] = time.perf_counter() - t
+    return symmetries, sets
 
-    t = time.perf_counter()
+
+@dataclass
+class _Charges:
+    """What the charges step hands on: float64 copies of the audited and the initial weights, the generated
+    modules of the families with a charge, and the charges by position of their group set (now, at init)."""
+
+    now_params: dict[str, Tensor]
+    modules: dict[str, ModuleType]
+    now: dict[int, LayerCharges]
+    init_params: dict[str, Tensor] | None
+    init_ckpt: Checkpoint | None
+    init: dict[int, LayerCharges]
+
+
+def _charges(model: nn.Module, sets: list[GroupSet], init: Checkpoint | Mapping[str, Tensor] | None, layout: _Layout,
+             modules: Mapping[str, ModuleType] | None, notes: list[str], say: Callable[[str], None]) -> _Charges:
+    """The charge of every group now and, when ``init`` is given, at init (after checking that the initial
+    weights fit the model). A family without a charge gets a line in ``notes``."""
     say("charges")
     now_params = as_float64(dict(model.named_parameters()))
     charge_mods, no_charge = family_charge_modules(sets, modules)
     for fam, why in no_charge.items():
         notes.append(f"{fam}: no charge ({why}); its groups are checked but not charged")
     now_charges = _by_index(sets, group_charges(sets, now_params, modules))
-    init_params = None
-    init_ckpt: Checkpoint | None = None
-    if init is not None:
-        init_ckpt = init if isinstance(init, Checkpoint) else None
-        sd = init.state_dict if isinstance(init, Checkpoint) else dict(init)
-        missing = [n for n in names if n not in sd]
-        wrong = [f"{n}: {tuple(sd[n].shape)} vs {shapes[n]}" for n in names if n in sd and tuple(sd[n].shape) != shapes[n]]
-        if missing or wrong:
-            raise SymtoolsError("the init checkpoint does not fit the audited model: "
-                                + (f"missing {missing[:6]}" if missing else "")
-                                + ("; " if missing and wrong else "") + (f"shape mismatches {wrong[:6]}" if wrong else ""))
-        init_params = as_float64({n: sd[n] for n in names})
+    init_params, init_ckpt = _initial_weights(init, layout)
     init_charges = _by_index(sets, group_charges(sets, init_params, modules)) if init_params else {}
-    seconds["charges"] = time.perf_counter() - t
+    return _Charges(now_params, charge_mods, now_charges, init_params, init_ckpt, init_charges)
 
-    report_ident = None
-    if identities:
-        t = time.perf_counter()
-        from symtools.numeric.checker import check
 
-        say("gradient and Hessian identities")
-        rep = check(model, inputs, targets, symmetries, loss=loss, dtype=check_dtype, seed=seed, modules=modules,
-                    progress=lambda m: say(f"  {m}"))
-        report_ident = rep.to_dict()
-        seconds["identities"] = time.perf_counter() - t
+def _initial_weights(init: Checkpoint | Mapping[str, Tensor] | None,
+                     layout: _Layout) -> tuple[dict[str, Tensor] | None, Checkpoint | None]:
+    """``(float64 copies of the initial parameters, the init Checkpoint or None)``; refuses initial weights that
+    miss a parameter or have another shape."""
+    if init is None:
+        return None, None
+    init_ckpt = init if isinstance(init, Checkpoint) else None
+    sd = init.state_dict if isinstance(init, Checkpoint) else dict(init)
+    names, shapes = layout.names, layout.shapes
+    missing = [n for n in names if n not in sd]
+    wrong = [f"{n}: {tuple(sd[n].shape)} vs {shapes[n]}" for n in names if n in sd and tuple(sd[n].shape) != shapes[n]]
+    if missing or wrong:
+        raise SymtoolsError("the init checkpoint does not fit the audited model: "
+                            + (f"missing {missing[:6]}" if missing else "")
+                            + ("; " if missing and wrong else "") + (f"shape mismatches {wrong[:6]}" if wrong else ""))
+    return as_float64({n: sd[n] for n in names}), init_ckpt
 
-    t = time.perf_counter()
-    # gradients in the weights' dtype size the round-off of the gradient identity in the law tolerances; with no
-    # update in between (steps = 0) no drive acts and none is needed
+
+def _identity_report(model: nn.Module, inputs: Tensor, targets: Tensor, symmetries: SymmetryMap, loss: str,
+                     check_dtype: torch.dtype | None, seed: int, modules: Mapping[str, ModuleType] | None,
+                     say: Callable[[str], None]) -> dict:
+    """The gradient and Hessian identities of every group (:func:`symtools.numeric.checker.check`) as a dict."""
+    from symtools.numeric.checker import check
+
+    say("gradient and Hessian identities")
+    rep = check(model, inputs, targets, symmetries, loss=loss, dtype=check_dtype, seed=seed, modules=modules,
+                progress=lambda m: say(f"  {m}"))
+    return rep.to_dict()
+
+
+@dataclass
+class _Losses:
+    """What the loss step hands on: the loss now, the gradients in the weights' dtype (now, at init; None when
+    not needed) and the change of the function since init (None without init)."""
+
+    loss_now: float
+    grads_now: dict[str, Tensor] | None
+    grads_init: dict[str, Tensor] | None
+    func_vs_init: dict | None
+
+
+def _losses(model: nn.Module, inputs: Tensor, targets: Tensor, loss: str, hyper: Hyper | None, charges: _Charges,
+            layout: _Layout, say: Callable[[str], None]) -> _Losses:
+    """Loss and logits at the audited and the initial weights, in the weights' dtype. Gradients are taken only
+    when a hypothesis has updates to compare (they size the round-off of the gradient identity in the law
+    tolerances; with steps = 0 no drive acts and none is needed)."""
     want_grads = hyper is not None and hyper.steps != 0
     say("loss and gradients in the weights' dtype" if want_grads else "loss")
-    loss_now, logits_now, grads_now = _loss_and_grad(model, now_params, inputs, targets, loss, want_grads)
+    loss_now, logits_now, grads_now = _loss_and_grad(model, charges.now_params, inputs, targets, loss, want_grads)
     func_vs_init = None
     grads_init = None
-    if init_params is not None:
-        loss_init, logits_init, grads_init = _loss_and_grad(model, init_params, inputs, targets, loss, want_grads)
-        scale = float(logits_init.abs().max()) or 1.0
-        func_vs_init = {"loss_init": loss_init, "loss_now": loss_now, "loss_change": loss_now - loss_init,
-                        "logits_max_abs_change": float((logits_now - logits_init).abs().max()),
-                        "logits_max_rel_change": float((logits_now - logits_init).abs().max()) / scale,
-                        "dtype": str(weight_dtype).replace("torch.", "")}
-        eps = float(torch.finfo(weight_dtype).eps)
-        func_vs_init["same_function"] = func_vs_init["logits_max_rel_change"] <= SAFETY * 100 * eps
-    seconds["loss_and_gradients"] = time.perf_counter() - t
+    if charges.init_params is not None:
+        loss_init, logits_init, grads_init = _loss_and_grad(model, charges.init_params, inputs, targets, loss,
+                                                            want_grads)
+        func_vs_init = _function_vs_init(loss_init, loss_now, logits_init, logits_now, layout)
+    return _Losses(loss_now, grads_now, grads_init, func_vs_init)
 
-    t = time.perf_counter()
-    buffers, buf_note = _buffers_by_kind(checkpoint, names, shapes)
-    init_buffers, _ = _buffers_by_kind(init_ckpt, names, shapes)
-    start = init_step if init_step is not None else (init_ckpt.step if init_ckpt is not None and init_ckpt.step is not None else 0)
-    now_snap = Snapshot(checkpoint.step if checkpoint is not None else None, now_params, sets, buffers, grads_now,
-                        weight_dtype, "checkpoint")
-    for key, gs in enumerate(sets):  # let the comparisons reuse the charges when the law's Q is the same density
+
+def _function_vs_init(loss_init: float, loss_now: float, logits_init: Tensor, logits_now: Tensor,
+                      layout: _Layout) -> dict:
+    """How much the loss and logits changed since init; ``same_function`` when the logits moved by no more than
+    the weights' round-off (SAFETY·100·ε relative)."""
+    scale = float(logits_init.abs().max()) or 1.0
+    out = {"loss_init": loss_init, "loss_now": loss_now, "loss_change": loss_now - loss_init,
+           "logits_max_abs_change": float((logits_now - logits_init).abs().max()),
+           "logits_max_rel_change": float((logits_now - logits_init).abs().max()) / scale,
+           "dtype": layout.dtype_name}
+    eps = float(torch.finfo(layout.dtype).eps)
+    out["same_function"] = out["logits_max_rel_change"] <= SAFETY * 100 * eps
+    return out
+
+
+@dataclass
+class _Buffers:
+    """Optimizer buffers (momentum, exp_avg) by kind and parameter, float64: of the audited checkpoint (with a
+    note why there are none) and of the init checkpoint."""
+
+    now: dict[str, dict[str, Tensor]]
+    note: str
+    init: dict[str, dict[str, Tensor]]
+
+    @classmethod
+    def of(cls, checkpoint: Checkpoint | None, init_ckpt: Checkpoint | None, layout: _Layout) -> "_Buffers":
+        now, note = _buffers_by_kind(checkpoint, layout.names, layout.shapes)
+        init, _ = _buffers_by_kind(init_ckpt, layout.names, layout.shapes)
+        return cls(now, note, init)
+
+
+def _init_step(init_step: int | None, init_ckpt: Checkpoint | None) -> int:
+    """The step of the initial weights: ``init_step`` if given, else the init checkpoint's step, else 0."""
+    if init_step is not None:
+        return init_step
+    return init_ckpt.step if init_ckpt is not None and init_ckpt.step is not None else 0
+
+
+def _now_snapshot(checkpoint: Checkpoint | None, sets: list[GroupSet], charges: _Charges, buffers: _Buffers,
+                  losses: _Losses, layout: _Layout) -> Snapshot:
+    """The audited weights as the comparisons see them; a law's Q that is the charge density itself reuses the
+    charges already computed."""
+    snap = Snapshot(checkpoint.step if checkpoint is not None else None, charges.now_params, sets, buffers.now,
+                    losses.grads_now, layout.dtype, "checkpoint")
+    for key, gs in enumerate(sets):
         sgd = law_module(gs.family, "sgd")
-        mod = charge_mods.get(gs.family)
-        if sgd is None or mod is None or key not in now_charges or not same_density(
+        mod = charges.modules.get(gs.family)
+        if sgd is None or mod is None or key not in charges.now or not same_density(
                 sgd, sgd.DENSITY["Q"], sgd.ARGS["Q"], mod, mod.CHARGE_DENSITY, mod.ARGS["charge_density"]):
             continue
-        now_snap.cache[("Q", id(gs))] = (now_charges[key].values, now_charges[key].scale)
-    predictions = {}
-    if init_params is not None:
-        init_snap = Snapshot(start, init_params, sets, init_buffers, grads_init, weight_dtype, "init")
-        for key, gs in enumerate(sets):
-            if ("Q", id(gs)) in now_snap.cache and key in init_charges:
-                init_snap.cache[("Q", id(gs))] = (init_charges[key].values, init_charges[key].scale)
-        if target_step is None and hyper is not None and hyper.steps is None and checkpoint is not None \
-                and checkpoint.step is not None:
-            target_step = checkpoint.step
-        predictions = predicted_charges(init_snap, hyper, records, target_step=target_step)
-    else:
-        init_snap = None
+        snap.cache[("Q", id(gs))] = (charges.now[key].values, charges.now[key].scale)
+    return snap
+
+
+def _init_snapshot(start: int, sets: list[GroupSet], charges: _Charges, buffers: _Buffers, losses: _Losses,
+                   layout: _Layout, now_snap: Snapshot) -> Snapshot | None:
+    """The initial weights at step ``start`` as the comparisons see them (None without init), reusing the init
+    charges where the audited snapshot reuses its own."""
+    if charges.init_params is None:
+        return None
+    snap = Snapshot(start, charges.init_params, sets, buffers.init, losses.grads_init, layout.dtype, "init")
+    for key, gs in enumerate(sets):
+        if ("Q", id(gs)) in now_snap.cache and key in charges.init:
+            snap.cache[("Q", id(gs))] = (charges.init[key].values, charges.init[key].scale)
+    return snap
+
+
+def _predictions(init_snap: Snapshot | None, hyper: Hyper | None, records, target_step: int | None,
+                 checkpoint: Checkpoint | None, notes: list[str]) -> dict:
+    """The charges predicted from init by the laws and the records, by group set position
+    (:func:`~symtools.audit.compare.predicted_charges`). The audited step defaults to the checkpoint's when the
+    hypothesis leaves the number of steps open. Without init: none, and a note if a hypothesis was given."""
+    if init_snap is None:
         if hyper is not None:
             notes.append("a training hypothesis needs the initial weights (--init or --run): no law comparison")
-    say("comparisons")
-    layers = []
-    flagged = []
-    for key, gs in enumerate(sets):
-        lc = now_charges.get(key)
-        entry = {"family": gs.family, "layer": gs.layer, "groups": gs.count, "params": gs.params(),
-                 "note": gs.note, "charge_name": CHARGE_NAMES.get(gs.family, f"{gs.family} charge"),
-                 "charge": None, "values": None, "vs_init": None, "predictions": [], "buffers": {},
-                 "flagged": False, "reasons": []}
-        if lc is not None:
-            entry["charge"] = distribution(lc.values)
-            entry["values"] = lc.values
-            entry["scale"] = distribution(lc.scale)
-        ic = init_charges.get(key)
-        if lc is not None and ic is not None:
-            d = vs_init(lc.values, ic.values, lc.scale, ic.scale)
-            entry["vs_init"] = {"init": distribution(ic.values), "delta": distribution(d["delta"]),
-                                "relative": distribution(d["relative"]), "init_values": ic.values,
-                                "delta_values": d["delta"]}
-        if lc is not None:
-            sgd = law_module(gs.family, "sgd")
-            for pred in predictions.get(key, []):
-                cmp = compare_prediction(pred, gs, now_snap, init_snap, sgd)
-                entry["predictions"].append(cmp)
-                if cmp["flagged"]:
-                    entry["flagged"] = True
-                    entry["reasons"].append(cmp["reason"])
-        module = groupops.family_module(gs.family) if modules is None or gs.family not in modules else modules[gs.family]
-        for kind, tensors in buffers.items():
-            if not all(p in tensors for p in gs.params()):
-                continue
-            proj, size = groupops.gradient_terms(module, gs, now_params, tensors)
-            b = {"projection": distribution(proj.cpu()), "what": f"⟨{kind}, v⟩ per group", "check": None}
-            if kind == "exp_avg" and hyper is not None and hyper.optimizer == "adamw" and _generator_is_constant(module):
-                sgd_law = law_module(gs.family, "sgd")
-                m_round = _identity_roundoff(sgd_law, gs, now_snap) if sgd_law is not None else None
-                if m_round is None:
-                    m_round = torch.zeros(gs.count, dtype=torch.float64)
-                tol = SAFETY * (now_snap.eps * size.cpu() + m_round)
-                bad = torch.nonzero(proj.cpu().abs() > tol).flatten().tolist()
-                b["check"] = {"law": "AdamW's first moment is an average of gradients (no weight decay in it) and "
-                                     "⟨g, v⟩ = 0 with v constant, so ⟨exp_avg, v⟩ = 0 (tolerance: SAFETY·(ε_w·Σ|b·v| "
-                                     "+ round-off of ⟨g, v⟩ as for the laws))",
-                              "max_ratio": float((proj.cpu().abs() / tol.clamp_min(1e-300)).max()),
-                              "flagged_groups": len(bad), "flagged": bad[:64]}
-                if bad:
-                    entry["flagged"] = True
-                    entry["reasons"].append(f"⟨exp_avg, v⟩ ≠ 0 in {len(bad)} groups")
-            entry["buffers"][kind] = b
-        if entry["flagged"] and func_vs_init is not None and func_vs_init.get("same_function"):
-            entry["reasons"].append("the function is unchanged from init on the audit batch: consistent with a "
-                                    "symmetry action applied to the weights")
-        if entry["flagged"]:
-            flagged.append({"family": gs.family, "layer": gs.layer, "reason": "; ".join(entry["reasons"])})
-        layers.append(entry)
-    seconds["comparisons"] = time.perf_counter() - t
+        return {}
+    if target_step is None and hyper is not None and hyper.steps is None and checkpoint is not None \
+            and checkpoint.step is not None:
+        target_step = checkpoint.step
+    return predicted_charges(init_snap, hyper, records, target_step=target_step)
 
+
+def _layer_report(key: int, gs: GroupSet, charges: _Charges, predictions: list, now_snap: Snapshot,
+                  init_snap: Snapshot | None, buffers: dict[str, dict[str, Tensor]], hyper: Hyper | None,
+                  modules: Mapping[str, ModuleType] | None, func_vs_init: dict | None) -> dict:
+    """The report entry of one group set: its charges and their change since init, each prediction compared,
+    each optimizer buffer projected on the generator (checked where a law says it vanishes); ``flagged`` with
+    the reasons when any of them broke."""
+    lc, ic = charges.now.get(key), charges.init.get(key)
+    entry = _charge_entry(gs, lc, ic)
+    if lc is not None:
+        sgd = law_module(gs.family, "sgd")
+        for pred in predictions:
+            cmp = compare_prediction(pred, gs, now_snap, init_snap, sgd)
+            entry["predictions"].append(cmp)
+            if cmp["flagged"]:
+                _flag(entry, cmp["reason"])
+    module = groupops.family_module(gs.family) if modules is None or gs.family not in modules else modules[gs.family]
+    for kind, tensors in buffers.items():
+        if not all(p in tensors for p in gs.params()):
+            continue
+        b = entry["buffers"][kind] = _buffer_report(kind, tensors, gs, module, charges.now_params, hyper, now_snap)
+        if b["check"] is not None and b["check"]["flagged_groups"]:
+            _flag(entry, f"⟨exp_avg, v⟩ ≠ 0 in {b['check']['flagged_groups']} groups")
+    if entry["flagged"] and func_vs_init is not None and func_vs_init.get("same_function"):
+        entry["reasons"].append("the function is unchanged from init on the audit batch: consistent with a "
+                                "symmetry action applied to the weights")
+    return entry
+
+
+def _flag(entry: dict, reason: str) -> None:
+    entry["flagged"] = True
+    entry["reasons"].append(reason)
+
+
+def _charge_entry(gs: GroupSet, lc: LayerCharges | None, ic: LayerCharges | None) -> dict:
+    """A layer entry with the group set's description, its charge distribution now and vs init (no predictions,
+    buffers or flags yet)."""
+    entry = {"family": gs.family, "layer": gs.layer, "groups": gs.count, "params": gs.params(),
+             "note": gs.note, "charge_name": CHARGE_NAMES.get(gs.family, f"{gs.family} charge"),
+             "charge": None, "values": None, "vs_init": None, "predictions": [], "buffers": {},
+             "flagged": False, "reasons": []}
+    if lc is not None:
+        entry["charge"] = distribution(lc.values)
+        entry["values"] = lc.values
+        entry["scale"] = distribution(lc.scale)
+    if lc is not None and ic is not None:
+        d = vs_init(lc.values, ic.values, lc.scale, ic.scale)
+        entry["vs_init"] = {"init": distribution(ic.values), "delta": distribution(d["delta"]),
+                            "relative": distribution(d["relative"]), "init_values": ic.values,
+                            "delta_values": d["delta"]}
+    return entry
+
+
+def _buffer_report(kind: str, tensors: Mapping[str, Tensor], gs: GroupSet, module: ModuleType,
+                   now_params: Mapping[str, Tensor], hyper: Hyper | None, now_snap: Snapshot) -> dict:
+    """⟨buffer, v⟩ per group; under AdamW with a constant generator, checked to vanish (:func:`_adamw_check`)."""
+    proj, size = groupops.gradient_terms(module, gs, now_params, tensors)
+    b = {"projection": distribution(proj.cpu()), "what": f"⟨{kind}, v⟩ per group", "check": None}
+    if kind == "exp_avg" and hyper is not None and hyper.optimizer == "adamw" and _generator_is_constant(module):
+        b["check"] = _adamw_check(proj, size, gs, now_snap)
+    return b
+
+
+def _adamw_check(proj: Tensor, size: Tensor, gs: GroupSet, now_snap: Snapshot) -> dict:
+    """AdamW's first moment is an average of gradients and ⟨g, v⟩ = 0 for a constant v, so ⟨exp_avg, v⟩ = 0:
+    the groups above SAFETY·(ε_w·Σ|b·v| + the round-off of ⟨g, v⟩ as for the laws)."""
+    sgd_law = law_module(gs.family, "sgd")
+    m_round = _identity_roundoff(sgd_law, gs, now_snap) if sgd_law is not None else None
+    if m_round is None:
+        m_round = torch.zeros(gs.count, dtype=torch.float64)
+    tol = SAFETY * (now_snap.eps * size.cpu() + m_round)
+    bad = torch.nonzero(proj.cpu().abs() > tol).flatten().tolist()
+    return {"law": "AdamW's first moment is an average of gradients (no weight decay in it) and "
+                   "⟨g, v⟩ = 0 with v constant, so ⟨exp_avg, v⟩ = 0 (tolerance: SAFETY·(ε_w·Σ|b·v| "
+                   "+ round-off of ⟨g, v⟩ as for the laws))",
+            "max_ratio": float((proj.cpu().abs() / tol.clamp_min(1e-300)).max()),
+            "flagged_groups": len(bad), "flagged": bad[:64]}
+
+
+def _family_summaries(sets: list[GroupSet], charges: _Charges, layers: list[dict]) -> dict[str, dict]:
+    """Per family, in order of first appearance: group counts, the charge distribution over all its groups,
+    and how many of its layers are flagged."""
     families: dict[str, dict] = {}
     for fam in dict.fromkeys(gs.family for gs in sets):
-        vals = [now_charges[i].values for i, g in enumerate(sets) if g.family == fam and i in now_charges]
+        vals = [charges.now[i].values for i, g in enumerate(sets) if g.family == fam and i in charges.now]
         families[fam] = {"groups": sum(g.count for g in sets if g.family == fam),
                          "group_sets": sum(1 for g in sets if g.family == fam),
                          "charge_name": CHARGE_NAMES.get(fam, f"{fam} charge"),
                          "charge": distribution(torch.cat(vals)) if vals else None,
-                         "has_charge": fam in charge_mods,
+                         "has_charge": fam in charges.modules,
                          "flagged_layers": sum(1 for e in layers if e["family"] == fam and e["flagged"])}
+    return families
+
+
+def _report(*, model: nn.Module, inputs: Tensor, info: dict | None, checkpoint: Checkpoint | None, layout: _Layout,
+            charges: _Charges, start: int, hyper: Hyper | None, records, report_ident: dict | None, losses: _Losses,
+            sets: list[GroupSet], layers: list[dict], buffers: _Buffers, symmetries: SymmetryMap, notes: list[str],
+            seconds: dict[str, float]) -> dict:
+    """The report (schema: docs/commands/audit.md): passes when no layer is flagged and no identity fails."""
+    flagged = [{"family": e["family"], "layer": e["layer"], "reason": "; ".join(e["reasons"])}
+               for e in layers if e["flagged"]]
     identities_pass = report_ident["pass"] if report_ident is not None else None
     ok = not flagged and identities_pass is not False
-    seconds["total"] = time.perf_counter() - t_all
-    out = {
+    init_ckpt = charges.init_ckpt
+    return {
         "format": FORMAT, "version": VERSION,
         "checkpoint": checkpoint.describe() if checkpoint is not None else None,
-        "model": dict(info or {}, parameters=sum(p.numel() for p in model.parameters()),
-                      dtype=str(weight_dtype).replace("torch.", "")),
-        "batch": int(inputs.shape[0]), "loss": loss_now,
-        "init": None if init_params is None else {"path": init_ckpt.path if init_ckpt else None, "step": start},
+        "model": dict(info or {}, parameters=sum(p.numel() for p in model.parameters()), dtype=layout.dtype_name),
+        "batch": int(inputs.shape[0]), "loss": losses.loss_now,
+        "init": None if charges.init_params is None else {"path": init_ckpt.path if init_ckpt else None, "step": start},
         "hyper": hyper.describe() if hyper is not None else None,
         "records": records.describe() if records is not None else None,
         "identities": report_ident,
-        "function_vs_init": func_vs_init,
-        "families": families,
+        "function_vs_init": losses.func_vs_init,
+        "families": _family_summaries(sets, charges, layers),
         "layers": layers,
-        "buffers": {"kinds": sorted(buffers), "note": buf_note if not buffers else ""},
+        "buffers": {"kinds": sorted(buffers.now), "note": buffers.note if not buffers.now else ""},
         "flagged": flagged,
         "blocked": [{"node": b.node, "reason": b.reason} for b in symmetries.blocked],
         "notes": notes + (checkpoint.notes if checkpoint is not None else []),
@@ -306,4 +499,3 @@ def audit_model(model: nn.Module, inputs: Tensor, targets: Tensor, *, checkpoint
         "safety_factor": SAFETY,
         "seconds": seconds,
     }
-    return _jsonable(out)

@@ -215,95 +215,171 @@ def check(model: nn.Module, inputs: Tensor, targets: Tensor, symmetries: Symmetr
     float32 check measures float32, not TF32's 10-bit mantissa; the caller's flags are restored afterwards.
     """
     say = progress or (lambda msg: None)
-    if dtype is not None and next(model.parameters()).dtype != dtype:
-        model = copy.deepcopy(model).to(dtype)
-        inputs = inputs.to(dtype) if inputs.is_floating_point() else inputs
-    dtype = next(model.parameters()).dtype
     loss_name = loss if isinstance(loss, str) else getattr(loss, "__name__", "custom")
-    if loss == "mse" and not targets.is_floating_point():
-        loss = _mse_one_hot  # class indices: MSE of the logits against one-hot targets ("MSE on logits")
-    elif loss == "mse" and targets.dtype != dtype:
-        targets = targets.to(dtype)
-    unit = torch.finfo(dtype).eps / 2
-    bound_rel = SAFETY * unit
-    gray = 1.0 if dtype == torch.float64 else GRAY
+    model, inputs, targets, loss = _in_check_dtype(model, inputs, targets, loss, dtype)
+    precision = _Precision.of(next(model.parameters()).dtype)
     gen = torch.Generator().manual_seed(seed)
-
-    by_family: dict[str, list[GroupSet]] = {}
-    for gs in symmetries.group_sets:
-        by_family.setdefault(gs.family, []).append(gs)
-    fams = {name: _Family(name, sets, (modules or {}).get(name) or groupops.family_module(name), model, bn)
-            for name, sets in by_family.items()}
-
+    fams = _families(symmetries, modules, model, bn)
     say("gradient, first-order graph and term magnitudes")
     so = SecondOrder(model, inputs, targets, loss=loss, bn=bn, weight_decay=weight_decay, magnitudes=True)
     try:
-        params = {k: p.detach() for k, p in so.params.items()}
-        grads, eps_grads = so.grad, so.grad_eps
-        mags, eps_mags = so.term_magnitudes()
-        n_el = max(1, sum(g.numel() for g in grads.values()))
-        g_rms = _norm(grads) / math.sqrt(n_el)
-
-        # gradient identities: (residual, terms T) per group set
-        grad_res = {}
-        for fam in fams.values():
-            for gs, info in zip(fam.sets, fam.eps_of):
-                grad_res[id(gs)] = _gradient_test(fam, gs, info, params, grads, eps_grads, mags, eps_mags, g_rms)
-
-        # Hessian identities along random directions, all families per HVP
-        # each tensor's entries move by that tensor's RMS (every layer by a comparable relative amount); a tensor
-        # that is all zeros (biases at initialisation) by the RMS of all parameters, so its groups are tested too
-        rms = {k: float(p.detach().to(ACC).pow(2).mean().sqrt()) for k, p in params.items()}
-        overall = math.sqrt(sum(r * r * params[k].numel() for k, r in rms.items()) / n_el) or 1.0
-        scale = {k: r if r > 0 else overall for k, r in rms.items()}
-        hess_ratio = {id(gs): None for fam in fams.values() for gs in fam.sets}
-        hess_rel = dict(hess_ratio)
-        for d in range(directions if fams else 0):
-            say(f"HVP {d + 1}/{directions}: Hessian identities of every group along a random direction")
-            # drawn in float64 whatever the dtype: a float32 check tests the same directions as a float64 one
-            u = {k: (torch.randn(p.shape, generator=gen, dtype=torch.float64) * scale[k]).to(p.device, p.dtype)
-                 for k, p in params.items()}
-            hv, h_eps, mags_h, eps_mags_h = so.tangent_hvp(u)
-            hv = {k: v.detach() for k, v in hv.items()}
-            hv_rms = _norm(hv) / math.sqrt(n_el)
-            for fam in fams.values():
-                for gs, info in zip(fam.sets, fam.eps_of):
-                    rho, terms = _hessian_residual(fam, gs, info, params, grads, hv, h_eps, u, mags, mags_h,
-                                                   eps_mags_h, hv_rms)
-                    ratio = rho.abs() / (bound_rel * terms).clamp_min(1e-300)
-                    rel = rho.abs() / terms.clamp_min(1e-300)
-                    key = id(gs)
-                    hess_ratio[key] = ratio if hess_ratio[key] is None else torch.maximum(hess_ratio[key], ratio)
-                    hess_rel[key] = rel if hess_rel[key] is None else torch.maximum(hess_rel[key], rel)
-            del hv, mags_h
+        first = _FirstOrder.of(so)
+        grad_res = _gradient_tests(fams, first)
+        hess = _hessian_tests(fams, so, first, precision.bound_rel, directions, gen, say)
     finally:
         so.release()  # the graph and the hooks that close over it
-
-    families = {}
-    for name, fam in fams.items():
-        families[name] = _family_result(fam, grad_res, hess_ratio, hess_rel, bound_rel, gray, mags, directions,
-                                        per_group)
-
+    families = {name: _family_result(fam, grad_res, hess.ratio, hess.rel, precision.bound_rel, precision.gray,
+                                     first.mags, directions, per_group) for name, fam in fams.items()}
     return CheckReport(
         families=families,
-        tolerance={
-            "dtype": str(dtype).replace("torch.", ""),
-            "unit_roundoff": unit,
-            "safety_factor": SAFETY,
-            "relative": bound_rel,
-            "gradient": bound_rel,
-            "hessian": bound_rel,
-            "gray_zone": gray,
-            "detection_limit": f"a breaking is detected when its residual exceeds {bound_rel:.1e} × the size of "
-                               f"the terms the identity sums (ratio > {gray:g} for a FAIL)",
-            "how": HOW,
-        },
+        tolerance=precision.describe(),
         settings={"loss": loss_name, "bn": bn, "weight_decay": weight_decay, "batch": int(inputs.shape[0]),
                   "seed": seed, "directions": directions},
         hvps={"verification": so.hvps, "reference": 0, "calibration": 0,
               "per_group_naive": sum(f.groups for f in families.values())},
         loss=float(so.loss),
     )
+
+
+def _in_check_dtype(model: nn.Module, inputs: Tensor, targets: Tensor, loss, dtype: torch.dtype | None):
+    """``(model, inputs, targets, loss)`` ready for the check: a converted copy of the model (and floating inputs)
+    when ``dtype`` differs from the model's; for ``"mse"``, class indices become the one-hot MSE loss and
+    floating targets take the model's dtype."""
+    if dtype is not None and next(model.parameters()).dtype != dtype:
+        model = copy.deepcopy(model).to(dtype)
+        inputs = inputs.to(dtype) if inputs.is_floating_point() else inputs
+    dtype = next(model.parameters()).dtype
+    if loss == "mse" and not targets.is_floating_point():
+        loss = _mse_one_hot  # class indices: MSE of the logits against one-hot targets ("MSE on logits")
+    elif loss == "mse" and targets.dtype != dtype:
+        targets = targets.to(dtype)
+    return model, inputs, targets, loss
+
+
+@dataclass
+class _Precision:
+    """The scale of round-off in the check's dtype: the unit round-off u, the relative bound SAFETY·u, and the
+    gray zone (ratios in (1, gray] are inconclusive; 1 in float64, where there is none)."""
+
+    dtype: torch.dtype
+    unit: float
+    bound_rel: float
+    gray: float
+
+    @classmethod
+    def of(cls, dtype: torch.dtype) -> "_Precision":
+        unit = torch.finfo(dtype).eps / 2
+        return cls(dtype, unit, SAFETY * unit, 1.0 if dtype == torch.float64 else GRAY)
+
+    def describe(self) -> dict:
+        """The report's ``tolerance``."""
+        return {
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "unit_roundoff": self.unit,
+            "safety_factor": SAFETY,
+            "relative": self.bound_rel,
+            "gradient": self.bound_rel,
+            "hessian": self.bound_rel,
+            "gray_zone": self.gray,
+            "detection_limit": f"a breaking is detected when its residual exceeds {self.bound_rel:.1e} × the size of "
+                               f"the terms the identity sums (ratio > {self.gray:g} for a FAIL)",
+            "how": HOW,
+        }
+
+
+def _families(symmetries: SymmetryMap, modules: Mapping[str, object] | None, model: nn.Module,
+              bn: str) -> dict[str, _Family]:
+    """The group sets by family, in order of first appearance, each with its generated code (``modules`` first,
+    then the built-in library) and its ε laws."""
+    by_family: dict[str, list[GroupSet]] = {}
+    for gs in symmetries.group_sets:
+        by_family.setdefault(gs.family, []).append(gs)
+    return {name: _Family(name, sets, (modules or {}).get(name) or groupops.family_module(name), model, bn)
+            for name, sets in by_family.items()}
+
+
+@dataclass
+class _FirstOrder:
+    """What the first-order pass hands on: detached parameters, the gradient and the ε gradients, the term
+    magnitudes of both, the number of parameter entries and the RMS gradient entry."""
+
+    params: dict[str, Tensor]
+    grads: dict[str, Tensor]
+    eps_grads: dict[str, Tensor]
+    mags: dict[str, Tensor]
+    eps_mags: dict[str, Tensor]
+    n_el: int
+    g_rms: float
+
+    @classmethod
+    def of(cls, so: SecondOrder) -> "_FirstOrder":
+        params = {k: p.detach() for k, p in so.params.items()}
+        grads, eps_grads = so.grad, so.grad_eps
+        mags, eps_mags = so.term_magnitudes()
+        n_el = max(1, sum(g.numel() for g in grads.values()))
+        return cls(params, grads, eps_grads, mags, eps_mags, n_el, _norm(grads) / math.sqrt(n_el))
+
+
+def _gradient_tests(fams: Mapping[str, _Family], first: _FirstOrder) -> dict[int, tuple]:
+    """The gradient identity of every group set: ``{id(gs): (residual, terms, uncorrected residual or None)}``."""
+    grad_res = {}
+    for fam in fams.values():
+        for gs, info in zip(fam.sets, fam.eps_of):
+            grad_res[id(gs)] = _gradient_test(fam, gs, info, first.params, first.grads, first.eps_grads, first.mags,
+                                              first.eps_mags, first.g_rms)
+    return grad_res
+
+
+class _HessianMaxima:
+    """Per group set (by ``id``), the largest ratio (|ρ| / bound) and relative residual (|ρ| / terms) per group
+    over the directions tested so far (None before the first)."""
+
+    def __init__(self, fams: Mapping[str, _Family]):
+        self.ratio: dict[int, Tensor | None] = {id(gs): None for fam in fams.values() for gs in fam.sets}
+        self.rel: dict[int, Tensor | None] = dict(self.ratio)
+
+    def add(self, gs: GroupSet, ratio: Tensor, rel: Tensor) -> None:
+        key = id(gs)
+        self.ratio[key] = ratio if self.ratio[key] is None else torch.maximum(self.ratio[key], ratio)
+        self.rel[key] = rel if self.rel[key] is None else torch.maximum(self.rel[key], rel)
+
+
+def _hessian_tests(fams: Mapping[str, _Family], so: SecondOrder, first: _FirstOrder, bound_rel: float,
+                   directions: int, gen: torch.Generator, say) -> _HessianMaxima:
+    """The Hessian identity of every group along ``directions`` random directions, all families per HVP."""
+    scale = _direction_scales(first.params, first.n_el)
+    maxima = _HessianMaxima(fams)
+    for d in range(directions if fams else 0):
+        say(f"HVP {d + 1}/{directions}: Hessian identities of every group along a random direction")
+        # drawn in float64 whatever the dtype: a float32 check tests the same directions as a float64 one
+        u = {k: (torch.randn(p.shape, generator=gen, dtype=torch.float64) * scale[k]).to(p.device, p.dtype)
+             for k, p in first.params.items()}
+        _test_direction(fams, so, first, u, bound_rel, maxima)
+    return maxima
+
+
+def _direction_scales(params: Mapping[str, Tensor], n_el: int) -> dict[str, float]:
+    """How far each tensor's entries move along a direction: that tensor's RMS (every layer by a comparable
+    relative amount); a tensor that is all zeros (biases at initialisation) by the RMS of all parameters, so
+    its groups are tested too."""
+    rms = {k: float(p.detach().to(ACC).pow(2).mean().sqrt()) for k, p in params.items()}
+    overall = math.sqrt(sum(r * r * params[k].numel() for k, r in rms.items()) / n_el) or 1.0
+    return {k: r if r > 0 else overall for k, r in rms.items()}
+
+
+def _test_direction(fams: Mapping[str, _Family], so: SecondOrder, first: _FirstOrder, u: dict[str, Tensor],
+                    bound_rel: float, maxima: _HessianMaxima) -> None:
+    """One HVP along ``u``; every group's residual ρ against its terms, folded into ``maxima``."""
+    hv, h_eps, mags_h, eps_mags_h = so.tangent_hvp(u)
+    hv = {k: v.detach() for k, v in hv.items()}
+    hv_rms = _norm(hv) / math.sqrt(first.n_el)
+    for fam in fams.values():
+        for gs, info in zip(fam.sets, fam.eps_of):
+            rho, terms = _hessian_residual(fam, gs, info, first.params, first.grads, hv, h_eps, u, first.mags, mags_h,
+                                           eps_mags_h, hv_rms)
+            ratio = rho.abs() / (bound_rel * terms).clamp_min(1e-300)
+            rel = rho.abs() / terms.clamp_min(1e-300)
+            maxima.add(gs, ratio, rel)
 
 
 def _ones(gs: GroupSet, params) -> dict[str, Tensor]:
