@@ -14,9 +14,9 @@ import textwrap
 
 import sympy as sp
 
+from symtools.codegen import emit_facts
 from symtools.codegen.printer import torch_expr
 from symtools.symbolic.derive import Derivation
-from symtools.symbolic.forms import grad_symbol
 from symtools.symbolic.matrix import MatrixDerivation
 
 HEADER = '''"""{title}
@@ -93,6 +93,10 @@ def emit_elementwise(d: Derivation, title: str | None = None) -> str:
         else:
             out.append(f"{kind.upper()} = None")
     out.append(f"ARGS = {arg_table!r}\n")
+    charge = d.charge.density if d.charge.exists else None
+    out.append(f"GENERATOR_CONSTANT = {emit_facts.generator_constant(d.generator, slots)!r}\n"
+               f"CHARGE_MONOMIALS = {({s: emit_facts.monomials(e, s) for s, e in charge.items()} if charge else None)!r}\n"
+               f"CHARGE_TEXT = {(emit_facts.texts(charge) if charge else None)!r}\n")
     out.append(_whole_symmetry_functions(slots, arg_table, d.charge.exists))
     return "\n".join(out).rstrip() + "\n"
 

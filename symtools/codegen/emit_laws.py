@@ -18,27 +18,22 @@ from __future__ import annotations
 
 import sympy as sp
 
+from symtools.codegen import emit_facts
 from symtools.codegen.emit import HEADER, _arg_names, _function
 from symtools.codegen.printer import torch_expr
 from symtools.symbolic import library
 from symtools.symbolic.continuous import ContinuousStep, continuous_step
 from symtools.symbolic.derive import derive
-from symtools.symbolic.laws import Law, Term, law
-from symtools.symbolic.optimizers import PYTHON_NAMES
+from symtools.symbolic.laws import Law, Term, law, quantity
+from symtools.symbolic.optimizers import DECLARATIONS, PYTHON_NAMES
 
 FAMILIES = ("translation", "scale", "rescale", "rescale2")
-OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw")
+OPTIMIZERS = tuple(DECLARATIONS)  # every declared optimizer (symtools.symbolic.optimizers), in declaration order
 PREFIX = "law_"
 HYPER_ARGS = "lr, weight_decay, momentum=0.0, dampening=0.0"
 ARG_PREFIXES = ("b_", "u_", "d_")  # buffer, update direction, displacement (after the gradient g_)
 
-TITLES = {
-    "sgd": "torch.optim.SGD(lr, weight_decay)",
-    "momentum": "torch.optim.SGD(lr, momentum, dampening, weight_decay)",
-    "nesterov": "torch.optim.SGD(lr, momentum, weight_decay, nesterov=True)",
-    "adam": "torch.optim.Adam(lr, weight_decay) — the law does not close; the breaking term is measured",
-    "adamw": "torch.optim.AdamW(lr, weight_decay) — the law does not close; the breaking term is measured",
-}
+TITLES = {name: decl.title for name, decl in DECLARATIONS.items()}  # the torch call each law stands for
 
 
 def module_name(family: str, optimizer: str) -> str:
@@ -119,6 +114,7 @@ def emit_law(lw: Law, cont: ContinuousStep | None = None) -> str:
     out += code
     entries = ", ".join(f"{n!r}: {{" + ", ".join(f"{s!r}: {f}" for s, f in fs.items()) + "}" for n, fs in table.items())
     out.append(f"DENSITY = {{{entries}}}\nARGS = {args_table!r}\n")
+    out.append(_facts(lw, cont, list(lw.state + lw.measured) + cont_terms))
     reads = "state[X] for X in FIRST_STATE and measured[M] for M in FIRST_MEASURED"
     out.append("\n" + _update_function(
         "first_step", f"torch's first step ({first_rule.text}): the new state from {reads} (per-group float64 "
@@ -145,6 +141,27 @@ def emit_law(lw: Law, cont: ContinuousStep | None = None) -> str:
             "continuous_step", f"{cont.model}: the continuous state one step later ({cont.doc}); reads "
             "measured[M] for M in CONTINUOUS_MEASURED.", cont.update, auxiliary=cont.auxiliary, tensors=True) + "\n")
     return "\n".join(out).rstrip() + "\n"
+
+
+def _facts(lw: Law, cont: ContinuousStep | None, terms: list[Term]) -> str:
+    """The constants of :mod:`symtools.codegen.emit_facts` for one law module."""
+    densities = {t.name: t.density for t in terms}
+    q = next((t.density for t in lw.state if t.name == "Q"), None)
+    charge = lw.derivation.charge.density
+    factor = emit_facts.charge_factor(charge, q) if charge and q else None
+    names = [*lw.state_names, *lw.measured_names, *lw.first_state, *lw.first_measured]
+    updates = [lw.update, lw.first_update]
+    auxiliary = []
+    if cont is not None:
+        names += [*cont.state, *(t.name for t in cont.measured)]
+        updates.append(cont.update)
+        auxiliary = cont.auxiliary
+    variables = [quantity(n) for n in dict.fromkeys(names)]
+    return (f"MONOMIALS = {emit_facts.monomial_table(densities)!r}\n"
+            f"DENSITY_TEXT = {({n: emit_facts.texts(d) for n, d in densities.items()})!r}\n"
+            f"NONNEGATIVE = {({n: emit_facts.nonnegative(d) for n, d in densities.items()})!r}\n"
+            f"CHARGE_FACTOR = {factor!r}\n"
+            f"LINEAR = {emit_facts.linear(updates, variables, auxiliary)!r}\n")
 
 
 def sources() -> dict[str, str]:

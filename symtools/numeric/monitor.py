@@ -1,40 +1,39 @@
 """Watch every symmetry's charge during training: measured vs the exact per-step law vs the paper's theory.
 
 :class:`Monitor` is a callback of :func:`symtools.training.train`. For every group set of the model's
-:class:`~symtools.nn.groups.SymmetryMap` and the optimizer actually used, it loads the generated law module
-``symtools.codegen.generated.law_<family>_<optimizer>`` (derived by :mod:`symtools.symbolic.laws`; no
-formula is written here) and, at every step, for all groups at once, in float64:
+:class:`~symtools.nn.groups.SymmetryMap` and the optimizer actually used, it reads the generated law module
+``symtools.codegen.generated.law_<family>_<law>`` (derived by :mod:`symtools.symbolic.laws`; no formula is
+written here) and, at every step, for all groups of all families at once, in float64:
 
 - before ``optimizer.step()``: measures the law's state (e.g. Q, or Q, P, R with momentum) and its driving
-  terms (e.g. M1 = ⟨g, v⟩, G = Σ c g²) from θ, g and the momentum buffer; predicts the next state with the
-  law's ``step`` using the learning rate, weight decay, momentum and dampening of the parameter group at
-  this step (schedules and param groups are honoured); advances the *accumulated* prediction (the same law
-  applied to its own previous prediction, from step 0) and the *continuous* theory (``continuous_step``:
-  the paper's ODE solutions, integrals as Riemann sums over the measured terms);
-- after the step: measures the new state and records the residuals ``|measured − predicted| / scale``,
-  where a group's scale is the size of what was added up: Σ|q(θ_n)| over its elements (the absolute values
-  of the charge density) plus Σ|each term of the law's prediction| (the law applied to each of its state
-  and measured inputs alone, :func:`_terms_scale`). Translation sums near zero, and charges whose terms
-  cancel (a bias feeding BatchNorm), are so judged against the size of their terms, not against the sum.
-- the continuous theory's worst residual leaves out groups whose scale is round-off next to the rest of
-  their family (:data:`CONTINUOUS_EXCLUDE_REL`), and says how many it left out.
+  terms (e.g. M1 = ⟨g, v⟩, G = Σ c g²) from θ, g and the optimizer's buffer; predicts the next state with the
+  law for the hyper-parameters of each group's param group at this step (schedules and param groups are
+  honoured); advances the *accumulated* prediction (the law applied to its own previous prediction, from step 0);
+- after the step: measures the new charge, advances the paper's *continuous* theory (its integrals as Riemann
+  sums over the measured terms) and records the residuals ``|measured − predicted| / scale``, where a group's
+  scale is the size of what was added up: Σ|q(θ_n)| over its elements plus Σ|each term of the law's
+  prediction of Q| (the laws are linear: |A_Q|·|inputs|);
+- the continuous theory's worst residual leaves out groups whose scale is round-off next to the rest of their
+  family (:data:`CONTINUOUS_EXCLUDE_REL`) and groups of one element, and says how many it left out.
 
-Records (see docs/records.md): stream ``laws`` holds per-layer aggregates every step, from step 0 (the
-initial charges); streams ``groups_<family>`` hold per-group values every ``stride`` steps (also from
-step 0); stream ``identities`` holds the
-checker's residuals every ``check_every`` steps. Nothing the monitor does touches the model's RNG use,
-its BatchNorm statistics or its gradients: the identity checks draw from their own ``torch.Generator``
-and evaluate BatchNorm with batch statistics without writing buffers.
+The per-step work is the fused core (docs/monitor.md, "Fused core"): a plan built once per (model,
+optimizer) (:mod:`symtools.numeric.monitor_plan`) turns every density into shared monomials over flat copies
+of the tensors (:mod:`symtools.numeric.flat`) and every law into a matrix
+(:mod:`symtools.numeric.law_matrices`), so a step costs a fixed handful of tensor operations whatever the
+depth of the model, with no host synchronisation: rows are kept on the device and handed to the records every
+``stride`` steps (and at a checkpoint and at the end).
+
+Records (docs/records.md): stream ``laws`` holds per-site aggregates every step, from step 0 (the initial
+charges); streams ``groups_<family>`` hold per-group values every ``stride`` steps (also from step 0);
+stream ``identities`` holds the checker's residuals every ``check_every`` steps. Nothing the monitor does
+touches the model's RNG use, its BatchNorm statistics or its gradients.
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import torch
@@ -42,11 +41,16 @@ from torch import Tensor
 
 from symtools.checkpoints import unwrap_model as _unwrap
 from symtools.errors import SymtoolsError
-from symtools.nn.groups import GroupSet, SymmetryMap
-from symtools.numeric.groupops import ACC, CPU_BLOCK, Combination, ViewCache, elements_per_group, reduce_terms
-from symtools.numeric.records import read_stream
+from symtools.nn.groups import SymmetryMap
+from symtools.numeric import optimizer_laws
+from symtools.numeric import record_schema as schema
+from symtools.numeric.flat import ACC, FlatLayout, FlatSources, reduce_monomials
+from symtools.numeric.groupops import ViewCache
+from symtools.numeric.law_matrices import LawBank
+from symtools.numeric.monitor_plan import (ColumnLayout, Site, TermMatrix, law_module, membership, monitored_params,
+                                           site_terms, term_matrix)
 
-QUANTITIES = ("measured", "step", "accumulated", "continuous")
+QUANTITIES = schema.LAW_QUANTITIES
 
 #: Groups of one parameter element are left out of the continuous theory's worst residual (their gradient
 #: is 0 analytically; in float32 the round-off of BatchNorm's backward, ~1e-2 of a typical gradient entry,
@@ -64,136 +68,137 @@ EXCLUSION_RULE = (f"continuous residual: groups of a single parameter element (t
                   f"vanish: a bias feeding BatchNorm, moved only by weight decay and gradient round-off, which the "
                   f"theory omits) and groups with scale < {CONTINUOUS_EXCLUDE_REL:g} × the largest scale of their "
                   f"family at that step are left out")
+STATE_VERSION = 2
+#: How per-group sums are reduced: "flat" (monomials over flat copies, one scatter-add per layer: a fixed
+#: handful of kernels, the device path) or "sites" (the generated densities site by site over the live tensors
+#: in cache-sized blocks: the CPU's faster path, where scatter-adds are scalar loops). Default per device type.
+REDUCERS = ("flat", "sites")
+DEFAULT_REDUCER = {"cpu": "sites"}
 
 
 def optimizer_kind(optimizer: torch.optim.Optimizer) -> tuple[str | None, str]:
-    """('sgd' | 'momentum' | 'nesterov' | None, reason): which derived law applies to this optimizer."""
-    if type(optimizer) is torch.optim.SGD:
-        if any(pg.get("maximize") for pg in optimizer.param_groups):
-            return None, "SGD with maximize=True has no derived law"
-        kinds = {_group_kind(pg) for pg in optimizer.param_groups}
-        if kinds == {"sgd"}:
-            return "sgd", ""
-        if "sgd" not in kinds:
-            return ("nesterov" if optimizer.param_groups[0]["nesterov"] else "momentum"), ""
-        return None, "param groups mix momentum and plain SGD"
-    name = type(optimizer).__name__
-    return None, (f"no exact law is derived for {name}: its per-coordinate preconditioning breaks the "
-                  f"gradient identity's cancellation (symtools derives the breaking term for Adam/AdamW in "
-                  f"docs/laws.md); recording measured charges only")
+    """(law name or None, reason): the closed law this optimizer follows (see :mod:`symtools.numeric.optimizer_laws`)."""
+    name, reason = optimizer_laws.law_of_optimizer(optimizer)
+    if name is not None and not optimizer_laws.closes(name):
+        return None, reason or (f"no exact law closes for {type(optimizer).__name__}: its per-coordinate "
+                                f"preconditioning breaks the gradient identity's cancellation (the breaking term is "
+                                f"derived in docs/laws.md); recording measured charges only")
+    return name, reason
 
 
-def _group_kind(pg: dict) -> str | None:
-    """The law kind one SGD param group follows ('sgd', 'momentum', 'nesterov'; None with maximize=True)."""
-    if pg.get("maximize"):
-        return None
-    if pg.get("momentum", 0) == 0:
-        return "sgd"
-    return "nesterov" if pg.get("nesterov") else "momentum"
+class _Plan:
+    """The static part of the fused core for one (model, optimizer): layout, term matrices, law bank, buffers."""
 
+    def __init__(self, sites: list[Site], laws: dict, params: dict[str, Tensor], reducer: str | None = None):
+        self.layout = ColumnLayout(sites, laws, params)
+        some = next(iter(params.values()))
+        self.device = some.device
+        self.reducer = reducer or DEFAULT_REDUCER.get(self.device.type, "flat")
+        if self.reducer not in REDUCERS:
+            raise SymtoolsError(f"unknown reducer {self.reducer!r}; choose one of {', '.join(REDUCERS)}")
+        dev = self.device
+        fams = self.layout.families
+        self.bank = LawBank({f.name: f.law for f in fams.values() if f.law is not None})
+        # before the step: the law's state rows, then its measured rows (the bank's order)
+        rows = [(fam, n, fams[fam].law.MONOMIALS[n], False, _law_density(fams[fam].law, n))
+                for fam, n in self.bank.state_names() + self.bank.measured_names()]
+        self.before_rows = rows
+        self.before = term_matrix(self.layout, rows, dev) if rows else None
+        # after the step: per family the charge and Σ|q|; then what the continuous theories read after the step
+        after = []
+        for f in fams.values():
+            q = (f.charge.CHARGE_DENSITY, f.charge.ARGS["charge_density"])
+            after += [(f.name, "Q", f.charge.CHARGE_MONOMIALS, False, q), (f.name, "|Q|", f.charge.CHARGE_MONOMIALS, True, q)]
+        measured_before = set(self.bank.measured_names())
+        self.cont_after = [(fam, n) for fam, n in self.bank.cont_measured_names() if (fam, n) not in measured_before]
+        after += [(fam, n, fams[fam].law.MONOMIALS[n], False, _law_density(fams[fam].law, n))
+                  for fam, n in self.cont_after]
+        self.after_rows = after
+        self.after = term_matrix(self.layout, after, dev)
+        # where each continuous measured term comes from: a before-measured row or an after-measured row
+        pool = self.bank.measured_names() + [(f, n) for f, n in [(r[0], r[1]) for r in after]]
+        offset = len(self.bank.measured_names())
+        self.cont_rows = torch.tensor([self.bank.measured_names().index(k) if k in measured_before
+                                       else offset + [(r[0], r[1]) for r in after].index(k)
+                                       for k in self.bank.cont_measured_names()], dtype=torch.long, device=dev)
+        del pool
+        nf = len(fams)
+        sel = torch.zeros((2, len(after)), dtype=ACC)
+        for i in range(nf):
+            sel[0, 2 * i], sel[1, 2 * i + 1] = 1.0, 1.0
+        self.charge_select = sel.to(dev)
+        self.q_select = self._selector(self.bank.q_rows(), self.bank.n_state)
+        self.qc_select = self._selector([r for r in self.bank.qc_rows() if r is not None], self.bank.n_cont)
+        # per-column constants
+        lay = self.layout
+        self.family_id = lay.family_ids(dev)
+        self.site_id = lay.site_ids(dev)
+        factor = {s.index: (fams[s.family].law.CHARGE_FACTOR if fams[s.family].law is not None else 1.0)
+                  for s in lay.sites}
+        if any(v is None for v in factor.values()):
+            raise SymtoolsError("a law's Q is not a constant multiple of its family's charge (CHARGE_FACTOR)")
+        self.factor = lay.per_column(factor, dev)
+        self.single = lay.per_column({s.index: float(s.single_element) for s in lay.sites}, dev)
+        # flat buffers
+        names = monitored_params(lay.sites)
+        self.flat_layout = FlatLayout(params, names)
+        self.layers = membership(lay, self.flat_layout)
+        used = (self.before.sources if self.before else set()) | self.after.sources
+        kinds = ["theta", "theta_next", *(k for k in ("g", "b", "d") if k in used)]
+        self.needs_displacement = "d" in used
+        if self.reducer == "sites":  # the live tensors are read in place (the displacement: Monitor._theta_before)
+            kinds = []
+        if "u" in used:
+            raise SymtoolsError("a law reads the applied update u: only laws that close are monitored")
+        self.sources = FlatSources(self.flat_layout, kinds)
+        self.scratch: dict = {}
 
-def _blockwise(fn, out: Tensor, *inputs: Tensor) -> Tensor:
-    """``fn(*inputs, out=out)`` for same-shaped contiguous tensors, on the CPU in blocks of
-    :data:`~symtools.numeric.groupops.CPU_BLOCK` elements (each op on the calling thread, as the reductions)."""
-    if out.device.type != "cpu":
-        return fn(*inputs, out=out)
-    for parts in zip(out.view(-1).split(CPU_BLOCK), *(t.reshape(-1).split(CPU_BLOCK) for t in inputs)):
-        fn(*parts[1:], out=parts[0])
-    return out
+    def _selector(self, rows: list[int], n: int) -> Tensor:
+        out = torch.zeros((1, n), dtype=ACC)
+        for r in rows:
+            out[0, r] = 1.0
+        return out.to(self.device)
 
-
-def _copy(x: Tensor, out: Tensor) -> Tensor:
-    return out.copy_(x)
-
-
-class _OrZeros:
-    """Read-only mapping name → ``get(name)``, or zeros shaped like the parameter where that is None; the
-    zeros are made only for a name that is read (no full-size zeros for tensors no density needs)."""
-
-    def __init__(self, params: dict[str, Tensor], get):
-        self._params, self._get = params, get
-
-    def __contains__(self, name) -> bool:
-        return name in self._params
-
-    def __getitem__(self, name: str) -> Tensor:
-        value = self._get(name)
-        return value if value is not None else torch.zeros_like(self._params[name])
-
-
-@dataclass
-class _Site:
-    """One group set with its law module and the hyper-parameters' param group."""
-
-    gs: GroupSet
-    law: ModuleType | None
-    charge: ModuleType
-    index: int
-    acc: dict[str, Tensor] = field(default_factory=dict)
-    cont: dict[str, Tensor] = field(default_factory=dict)
-    pred: dict[str, Tensor] = field(default_factory=dict)
-    pending_cont: dict[str, Tensor] = field(default_factory=dict)
-    last: dict[str, Tensor] = field(default_factory=dict)
-    #: each group is one parameter element: ⟨g, v⟩ = 0 then forces that element's gradient to vanish, so
-    #: its charge moves only by weight decay and the round-off of the gradient (a conv bias feeding BatchNorm)
-    single_element: bool = False
-
-    @property
-    def continuous(self) -> bool:
-        """Whether the site has a continuous theory (a law with a continuous state)."""
-        return self.law is not None and bool(self.law.CONTINUOUS_STATE)
-
-    @property
-    def needs_displacement(self) -> bool:
-        return self.continuous and "U" in self.law.CONTINUOUS_MEASURED
-
-
-def _terms_scale(advance, state: dict, terms: dict, hyper) -> Tensor:
-    """Σ of |each term of the law's prediction of Q|, per group.
-
-    The laws are linear in their state and measured terms (with coefficients set by the hyper-parameters),
-    so the contribution of one input is the law applied to that input alone. Summing their absolute values
-    gives the size of what the prediction adds up, which is the scale its round-off is relative to (the
-    terms can cancel: a bias that BatchNorm makes irrelevant has θ' = (1 − ηλ)θ − ηg ≈ 0). The laws are
-    elementwise, so all inputs go through one call: row j of each stacked input holds input j, 0 elsewhere.
-    """
-    inputs = {**{("state", k): v for k, v in state.items()}, **{("terms", k): v for k, v in terms.items()}}
-    alone = {}
-    for j, (key, v) in enumerate(inputs.items()):
-        alone[key] = torch.zeros((len(inputs),) + tuple(v.shape), dtype=v.dtype, device=v.device)
-        alone[key][j] = v
-    parts = advance({k: alone[("state", k)] for k in state}, {k: alone[("terms", k)] for k in terms}, *hyper)["Q"]
-    return parts.abs().sum(dim=0)
-
-
-def _masked_max(r: Tensor, keep: Tensor | None = None) -> float:
-    """The largest entry of ``r`` (over ``keep`` only, if given); NaN when there is none or all are NaN."""
-    if keep is not None:
-        r = r[keep]
-    if not r.numel() or bool(torch.isnan(r).all()):
-        return math.nan
-    return float(r.max())
+    def terms(self, tm: TermMatrix, sources: dict[str, Tensor], live: dict | None = None) -> Tensor:
+        """(rows of ``tm``, columns): every term of every family. The flat reducer: one reduction of the
+        monomials over ``sources`` (flat vectors) and one product with the coefficients. The site reducer (the
+        CPU's): the generated densities over ``live`` (prefix → tensors by name, as :class:`ViewCache` reads)."""
+        if self.reducer == "sites":
+            return site_terms(tm, self.layout, ViewCache(live))
+        R = reduce_monomials(tm.monomials, sources, self.layers, self.sources.chunk, self.scratch)
+        view = self.scratch.get(("R view", id(R)))
+        if view is None:
+            view = self.scratch[("R view", id(R))] = R.view(-1, max(self.layout.columns, 1))
+        return torch.mm(tm.W, view).mul_(tm.mask)
 
 
 class Monitor:
     """Training callback recording every group's charge against its laws (see the module docstring)."""
 
     def __init__(self, symmetries: SymmetryMap, *, stride: int = 10, check_every: int = 0, seed: int = 0,
-                 families: tuple[str, ...] | None = None, name: str = "monitor"):
+                 families: tuple[str, ...] | None = None, name: str = "monitor", reducer: str | None = None):
         if stride < 1:
             raise SymtoolsError(f"stride must be at least 1, got {stride}")
         self.symmetries = symmetries
         self.stride, self.check_every, self.seed = stride, check_every, seed
         self.families = families
         self.name = name
+        self.reducer = reducer
         self.kind: str | None = None
-        self.sites: list[_Site] = []
+        self.sites: list[Site] = []
         self.worst: dict[str, float | None] = {"step": None, "accumulated": None, "continuous": None}
-        self.worst_family: dict[str, dict[str, float]] = {}
-        self.excluded_family: dict[str, int | None] = {}  # most groups left out of the continuous residual at one step
+        self.worst_family: dict[str, dict[str, float | None]] = {}
+        self.excluded_family: dict[str, int | None] = {}
         self.warnings: list[str] = []
-        self._params: dict[str, torch.nn.Parameter] = {}
-        self._before: dict[str, Tensor] = {}  # copies of θ_{n−1}, only where Δθ cannot be had from the optimizer
+        self._plan: _Plan | None = None
+        self._theta_before: list[Tensor] | None = None  # sites reducer: θ_n, for the step's displacement
+        self._pending: list[tuple[int, Tensor]] = []
+        self._pending_groups: list[tuple[int, Tensor]] = []
+
+    @property
+    def law_sites(self) -> set[int]:
+        """Indices of the sites whose law is followed (the others are measured only)."""
+        return {i for i, ok in getattr(self, "_law_ok", {}).items() if ok}
 
     # ------------------------------------------------------------------ set-up
     def on_start(self, ctx) -> None:
@@ -203,298 +208,345 @@ class Monitor:
         self.kind = kind
         if kind is None:
             self._warn(f"measured-only mode: {reason}")
-        self.sites = []
+        self.sites, laws = [], {}
         for gs in self.symmetries.group_sets:
             if self.families and gs.family not in self.families:
                 continue
-            charge = importlib.import_module(f"symtools.codegen.generated.{gs.family}")
+            charge = law_module_charge(gs.family)
             if charge.CHARGE_DENSITY is None:
                 continue
-            law = None
-            if kind is not None:
-                try:
-                    law = importlib.import_module(f"symtools.codegen.generated.law_{gs.family}_{kind}")
-                except ModuleNotFoundError:
+            if kind is not None and gs.family not in laws:
+                laws[gs.family] = law_module(gs.family, kind)
+                if laws[gs.family] is None:
                     self._warn(f"no law derived for {gs.family} under {kind}: measured-only for that family")
-                pg = self._group_of(ctx.optimizer, gs) if law is not None else None
-                if law is not None and pg is None:
-                    self._warn(f"{gs.layer}: its tensors sit in param groups with different hyper-parameters; "
-                               f"measured-only there")
-                    law = None
-                elif law is not None and _group_kind(pg) != kind:
-                    self._warn(f"{gs.layer}: its param group follows {_group_kind(pg)}, not {kind}; measured-only there")
-                    law = None
-            self.sites.append(_Site(gs, law, charge, len(self.sites), single_element=elements_per_group(gs, self._params) == 1))
-        columns = ["step"]
-        for s in self.sites:
-            columns += [f"{s.gs.family}|{s.index}|{s.gs.layer}|{q}" for q in QUANTITIES]
-            columns += [f"{s.gs.family}|{s.index}|{s.gs.layer}|residual_{q}" for q in QUANTITIES[1:]]
-            columns += [f"{s.gs.family}|{s.index}|{s.gs.layer}|excluded_continuous"]
-        self._laws = ctx.records.stream("laws", columns,
-                                        "per-layer sums of the charge: measured, per-step law, accumulated law, "
-                                        "continuous theory; the max per-group relative residual of each (the "
-                                        "continuous one over the groups not left out); the number of groups "
-                                        "left out of the continuous one. Step 0: the initial charges",
-                                        meta={"optimizer": self.kind,
-                                              "families": sorted({s.gs.family for s in self.sites}),
-                                              "continuous_exclusion": EXCLUSION_RULE})
-        self._groups = {}
-        for fam in sorted({s.gs.family for s in self.sites}):
-            sites = [s for s in self.sites if s.gs.family == fam]
-            cols = ["step"] + [f"{q}|{s.index}|{k}" for q in QUANTITIES for s in sites for k in range(s.gs.count)]
-            self._groups[fam] = (ctx.records.stream(f"groups_{fam}", cols,
-                                                    f"per-group {fam} charges every {self.stride} steps",
-                                                    meta={"sites": [[s.index, s.gs.layer, s.gs.count] for s in sites]}),
-                                 sites)
-        if self.check_every:
-            self._checks = ctx.records.stream(
-                "identities", ["step"] + [f"{f}|{k}" for f in sorted({s.gs.family for s in self.sites})
-                                          for k in ("gradient", "hessian", "pass")],
-                "checker residuals on the live weights and the current batch")
+            self.sites.append(Site(len(self.sites), gs, gs.family))
+        self._plan = _Plan(self.sites, laws, self._params, self.reducer) if self.sites else None
+        self._site_groups = self._site_param_groups(ctx.optimizer)
+        self._law_ok = {s.index: self._plan is not None and self._plan.layout.families[s.family].law is not None
+                        for s in self.sites}
+        for s in self.sites:  # a site whose tensors sit in param groups of different laws or hyper-parameters
+            if self._law_ok[s.index] and self._site_signature(ctx.optimizer, s) is None:
+                self._warn(f"{s.gs.layer}: its tensors sit in param groups with different hyper-parameters; "
+                           f"measured-only there")
+                self._law_ok[s.index] = False
+        self._signatures = None
+        self._classes = None
+        self._acc: Tensor | None = None
+        self._cont: Tensor | None = None
+        self._open_streams(ctx)
         self._state_dir = Path(ctx.out_dir) / "monitor"
         if ctx.start_step:
             self._restore(ctx, ctx.start_step)
         elif not _rows(self._laws):  # a run resumed from its step-0 checkpoint has the row already
             self._record_initial(ctx)
 
+    def _open_streams(self, ctx) -> None:
+        sites = [(s.family, s.index, s.gs.layer, s.gs.count) for s in self.sites]
+        self._columns = schema.law_columns(sites)
+        self._laws = ctx.records.stream(schema.LAWS_STREAM, self._columns,
+                                        "per-layer sums of the charge: measured, per-step law, accumulated law, "
+                                        "continuous theory; the max per-group relative residual of each (the "
+                                        "continuous one over the groups not left out); the number of groups "
+                                        "left out of the continuous one. Step 0: the initial charges",
+                                        meta={"optimizer": self.kind,
+                                              "families": sorted({s.family for s in self.sites}),
+                                              "continuous_exclusion": EXCLUSION_RULE})
+        self._groups = {}
+        for fam in sorted({s.family for s in self.sites}):
+            fsites = [x for x in sites if x[0] == fam]
+            self._groups[fam] = ctx.records.stream(schema.groups_stream(fam), schema.group_columns(fsites),
+                                                   f"per-group {fam} charges every {self.stride} steps",
+                                                   meta=schema.groups_meta(fsites))
+        if self.check_every:
+            self._checks = ctx.records.stream(
+                schema.IDENTITIES_STREAM, schema.identity_columns(sorted({s.family for s in self.sites})),
+                "checker residuals on the live weights and the current batch")
+
     def _warn(self, msg: str) -> None:
         self.warnings.append(msg)
         warnings.warn(f"symtools monitor: {msg}", stacklevel=3)
 
-    def _group_of(self, optimizer, gs: GroupSet) -> dict | None:
-        """The param group holding all of ``gs``'s tensors, or None when they are spread over differing ones."""
-        ids = {id(self._params[p]) for p in gs.params()}
-        found = []
-        for pg in optimizer.param_groups:
-            if ids & {id(p) for p in pg["params"]}:
-                found.append(pg)
-        keys = ("lr", "weight_decay", "momentum", "dampening", "nesterov")
-        if not found or any(any(pg.get(k) != found[0].get(k) for k in keys) for pg in found[1:]):
-            return None
-        return found[0]
+    # ------------------------------------------------------------------ param groups → law classes
+    def _site_param_groups(self, optimizer) -> dict[int, list[int]]:
+        where = {id(p): i for i, pg in enumerate(optimizer.param_groups) for p in pg["params"]}
+        return {s.index: sorted({where[id(self._params[p])] for p in s.gs.params() if id(self._params[p]) in where})
+                for s in self.sites}
 
-    def _drop_law(self, s: _Site, step: int, why: str) -> None:
-        """Measured-only for ``s`` from this step on (its hyper-parameters no longer fit its law)."""
-        self._warn(f"{s.gs.family} at {s.gs.layer}: {why} at step {step}; measured-only there from this step on")
-        s.law = None
-        s.acc, s.cont, s.pred, s.pending_cont = {}, {}, {}, {}
-        s.last.pop("Q_law", None)
-        s.last.pop("terms_scale", None)
+    def _group_signature(self, optimizer, i: int) -> tuple | None:
+        """(law, hyper-parameters, first step?) of param group ``i``; None where it follows no closed law."""
+        pg = optimizer.param_groups[i]
+        law = optimizer_laws.law_of_group(pg, type(optimizer).__name__)
+        if law is None or law != self.kind:
+            return None
+        hyper = optimizer_laws.hyper_of_group(pg, law)
+        state_key = _buffer_key(law)
+        first = state_key is not None and any(
+            state_key not in optimizer.state.get(p, {}) for p in pg["params"] if p.grad is not None)
+        return law, tuple(float(hyper.get(k, 0.0)) for k in ("lr", "weight_decay", "momentum", "dampening")), first
+
+    def _site_signature(self, optimizer, s: Site) -> tuple | None:
+        sigs = {self._group_signature(optimizer, i)[:2] if self._group_signature(optimizer, i) else None
+                for i in self._site_groups.get(s.index, [])}
+        if len(sigs) != 1 or None in sigs:
+            return None
+        return next(iter(sigs))
+
+    def _update_classes(self, ctx) -> None:
+        """Per column: which param group's law advances it (its class), and each class's law matrices. Checked
+        every step on the host (Python only); a site whose param groups stop agreeing goes measured-only. The
+        matrices are remade only when a param group's hyper-parameters or first-step state changed."""
+        opt = ctx.optimizer
+        sigs = tuple(self._group_signature(opt, i) for i in range(len(opt.param_groups)))
+        if sigs == self._signatures:
+            return
+        plan = self._plan
+        dropped = False
+        for s in self.sites:
+            if not self._law_ok[s.index]:
+                continue
+            mine = {sigs[i][:2] if sigs[i] else None for i in self._site_groups.get(s.index, [])}
+            if len(mine) != 1 or None in mine:
+                why = ("its tensors now sit in param groups with different hyper-parameters" if len(mine) > 1
+                       else f"its param group no longer follows {self.kind}")
+                self._warn(f"{s.family} at {s.gs.layer}: {why} at step {ctx.step}; measured-only there from this "
+                           f"step on")
+                self._law_ok[s.index] = False
+                dropped = True
+        self._signatures = sigs
+        if dropped or getattr(self, "_classes", None) is None:
+            self._layout_constants()
+        A, C = [], []
+        for pg in self._classes:
+            a, c = plan.bank.matrices(sigs[pg][1], sigs[pg][2])
+            A.append(a)
+            C.append(c)
+        if not A:
+            A = [np.zeros((plan.bank.n_state, plan.bank.n_state + plan.bank.n_measured))]
+            C = [np.zeros((plan.bank.n_cont, plan.bank.n_cont + plan.bank.n_cont_measured))]
+        A = np.stack(A)
+        # per class: the law on [state; measured], the law on [accumulated; measured], |law| on |inputs|
+        self._A = torch.from_numpy(np.stack([A, A, np.abs(A)], axis=1)).to(plan.device)  # (classes, 3, out, in)
+        self._C = torch.from_numpy(np.stack(C)).to(plan.device)                           # (classes, out, in)
+
+    def _layout_constants(self) -> None:
+        """The classes (one per param group a site with a law sits in) and the per-column constants that follow
+        from which sites have a law: remade at the start and when a site goes measured-only."""
+        plan = self._plan
+        cls = {s.index: self._site_groups[s.index][0] for s in self.sites if self._law_ok[s.index]}
+        self._classes = sorted(set(cls.values()))
+        position = {pg: c for c, pg in enumerate(self._classes)}
+        column_class = plan.layout.per_column({i: position[pg] for i, pg in cls.items()}, "cpu", torch.long)
+        law_ok = {s.index: float(self._law_ok[s.index]) for s in self.sites}
+        self._onehot = None  # one class: no mixing
+        if len(self._classes) > 1:
+            onehot = torch.nn.functional.one_hot(column_class, len(self._classes)).T.to(ACC)
+            onehot *= plan.layout.per_column(law_ok, "cpu")
+            self._onehot = onehot.unsqueeze(1).to(plan.device)                              # (classes, 1, K)
+        continuous = {s.index: law_ok[s.index] * float(plan.layout.families[s.family].law is not None
+                                                       and bool(plan.layout.families[s.family].law.CONTINUOUS_STATE))
+                      for s in self.sites}
+        dev = plan.device
+        self._constants(plan.layout.per_column(law_ok, dev), plan.layout.per_column(continuous, dev),
+                        torch.tensor([continuous[s.index] for s in plan.layout.sites], dtype=ACC, device=dev))
+
+    def _constants(self, law: Tensor, continuous: Tensor, site_continuous: Tensor) -> None:
+        """Per-column constants of the residual step (recomputed only with the classes)."""
+        plan = self._plan
+        self._law_nan = _nan_where_zero(law)
+        self._cont_nan = _nan_where_zero(continuous)
+        F = plan.factor
+        self._F3 = torch.stack([F * self._law_nan, F * self._law_nan, F.abs()])  # predicted, accumulated, size
+        self._Fc = F * self._cont_nan
+        self._cont_weight = continuous                                           # 1 on continuous columns
+        static_drop = continuous == 0
+        if EXCLUDE_SINGLE_ELEMENT:
+            static_drop |= plan.single > 0
+        self._static_drop = static_drop
+        self._site_nan = torch.where(site_continuous > 0, 0.0, math.nan)          # added to excluded counts
+        self._nan_row = torch.full_like(F, math.nan)
 
     # ------------------------------------------------------------------ per step
-    def _sources(self, optimizer, with_buffer: bool) -> dict:
-        values = {k: p.detach() for k, p in self._params.items()}
-        out = {"": values, "g_": _OrZeros(self._params, lambda k: self._params[k].grad)}
-        if with_buffer:
-            out["b_"] = _OrZeros(self._params,
-                                 lambda k: optimizer.state.get(self._params[k], {}).get("momentum_buffer"))
-        return out
+    def _before_sources(self, ctx) -> tuple[dict[str, Tensor], dict]:
+        """(flat sources, live sources) of θ, g and the optimizer's buffer before the step."""
+        src = self._plan.sources
+        key = _buffer_key(self.kind) if self.kind else None
+        state = ctx.optimizer.state
+        grads = _OrZeros(self._params, lambda n: self._params[n].grad)
+        buffers = _OrZeros(self._params, lambda n: state.get(self._params[n], {}).get(key) if key else None)
+        if "theta" in src.flat:  # θ_n: the flat reducer's source, and the displacement's start
+            src.fill("theta", self._params)
+        if self._plan.reducer == "sites":
+            if self._plan.needs_displacement:  # θ_n in the parameters' dtype: Δθ = θ_{n+1} − θ_n after the step
+                names = self._plan.flat_layout.names
+                if self._theta_before is None:
+                    self._theta_before = [torch.empty_like(self._params[n]) for n in names]
+                with torch.no_grad():
+                    torch._foreach_copy_(self._theta_before, [self._params[n] for n in names])
+            return {}, {"": {n: p.detach() for n, p in self._params.items()}, "g_": grads, "b_": buffers}
+        if "g" in src.flat:
+            src.fill("g", {n: p.grad for n, p in self._params.items()})
+        if "b" in src.flat:
+            src.fill("b", {n: state.get(p, {}).get(key) if key else None for n, p in self._params.items()})
+        return {k: v for k, v in src.flat.items() if k in ("theta", "g", "b")}, {}
+
+    def _after_sources(self, initial: bool = False) -> tuple[dict[str, Tensor], dict]:
+        """(flat sources, live sources) of θ after the step and its displacement d (0 before any step)."""
+        plan, src = self._plan, self._plan.sources
+        flat = {}
+        live = {"": {n: p.detach() for n, p in self._params.items()}} if plan.reducer == "sites" else {}
+        if "theta_next" in src.flat:
+            src.fill("theta_next", self._params)
+            flat["theta"] = src.flat["theta_next"]
+        if "d" in src.flat:
+            d = src.flat["d"]
+            flat["d"] = d.zero_() if initial else torch.sub(src.flat["theta_next"], src.flat["theta"], out=d)
+        if plan.reducer == "sites" and plan.needs_displacement:
+            names = plan.flat_layout.names
+            with torch.no_grad():
+                moved = (torch._foreach_sub([self._params[n] for n in names], self._theta_before)
+                         if not initial else [torch.zeros_like(self._params[n]) for n in names])
+            live["d_"] = dict(zip(names, moved))
+        return flat, live
 
     def _record_initial(self, ctx) -> None:
         """Row of step 0 in ``laws`` and ``groups_<family>``: the charges at the initial weights θ_0. The
         accumulated law and the continuous theory start there (their value is the measured one); the per-step
         law has made no prediction yet (NaN), and no residual exists (NaN)."""
-        cache = ViewCache(self._sources(ctx.optimizer, with_buffer=False))
-        row, per_group = [0.0], {}
-        for s in self.sites:
-            measured, _ = self._charge(s, cache)
-            nan = torch.full_like(measured, math.nan)
-            values = (measured, nan, measured if s.law is not None else nan, measured if s.continuous else nan)
-            row += [float(v.sum()) for v in values] + [math.nan] * 4
-            per_group[s.index] = values
-        self._laws.append(row)
-        self._append_groups(0, per_group)
-
-    def _charge(self, s: _Site, cache: ViewCache, extra: dict | None = None) -> tuple[Tensor, dict]:
-        """(per-group charge Σ q(θ), {"scale": Σ|q(θ)|, extra terms …}) in one pass over the tensors; for a site
-        with a law, remembers Q in the law's units for the next ``before_step`` (same weights)."""
-        todo = {"": (s.charge.CHARGE_DENSITY, s.charge.ARGS["charge_density"]), **(extra or {})}
-        totals, sizes = reduce_terms(todo, s.gs, cache, sized=("",))
-        measured = totals.pop("")
-        if s.law is not None:
-            s.last["Q_law"] = measured / self._factor(s)
-        return measured, {"scale": sizes[""], **totals}
+        if self._plan is None:
+            self._laws.append([0.0])
+            return
+        plan = self._plan
+        after = plan.terms(plan.after, *self._after_sources(initial=True))
+        measured = (plan.charge_select @ after)[0]
+        self._update_classes(ctx)
+        nan = torch.full_like(measured, math.nan)
+        values = torch.stack([measured, nan, measured * self._law_nan, measured * self._cont_nan])
+        row = torch.cat([self._site_sums(values), torch.full((4, len(self.sites)), math.nan, dtype=ACC,
+                                                             device=plan.device)])
+        self._push(0, row, values, groups=True)
+        self._flush()
 
     def before_step(self, ctx) -> None:
-        cache = ViewCache(self._sources(ctx.optimizer, with_buffer=self.kind in ("momentum", "nesterov")))
-        for s in self.sites:
-            if s.law is None:
-                continue
-            pg = self._group_of(ctx.optimizer, s.gs)
-            if pg is None:
-                self._drop_law(s, ctx.step, "its tensors now sit in param groups with different hyper-parameters")
-                continue
-            if _group_kind(pg) != self.kind:
-                self._drop_law(s, ctx.step, f"its param group now follows {_group_kind(pg)}, not {self.kind}")
-                continue
-            hyper = (pg["lr"], pg["weight_decay"], pg.get("momentum", 0.0), pg.get("dampening", 0.0))
-            buffers_exist = self.kind in ("momentum", "nesterov") and all(
-                ctx.optimizer.state.get(self._params[p], {}).get("momentum_buffer") is not None for p in s.gs.params())
-            use_first = self.kind in ("momentum", "nesterov") and not buffers_exist
-            state_names = s.law.FIRST_STATE if use_first else s.law.STATE
-            meas_names = s.law.FIRST_MEASURED if use_first else s.law.MEASURED
-            advance = s.law.first_step if use_first else s.law.step
-            # Q at θ_{n−1} was measured after the previous step (same weights): reuse it
-            known = {"Q": s.last.pop("Q_law")} if "Q_law" in s.last else {}
-            todo = {n: (s.law.DENSITY[n], s.law.ARGS[n]) for n in (*state_names, *meas_names) if n not in known}
-            found = {**reduce_terms(todo, s.gs, cache)[0], **known}  # every term in one pass over the tensors
-            state = {n: found[n] for n in state_names}
-            terms = {n: found[n] for n in meas_names}
-            s.pred = advance(state, terms, *hyper)
-            s.last["terms_scale"] = _terms_scale(advance, state, terms, hyper)
-            if not s.acc:  # step 0 (on resume the accumulated state was restored)
-                s.acc = dict(state)
-                s.cont = s.law.continuous_start(state) if s.law.CONTINUOUS_STATE else {}
-            s.acc = advance({k: s.acc[k] for k in state_names}, terms, *hyper)
-            s.pending_cont = {"hyper": hyper, "terms": terms}
-        # The continuous theory's U needs the displacement θ_n − θ_{n−1}: after the step it is rebuilt from the
-        # optimizer's state (_displacement); a copy of θ_{n−1} is kept only for a tensor where it cannot be.
-        pg_of = self._param_groups(ctx.optimizer)
-        self._before = {}
-        for k in self._displaced():
-            p = self._params[k]
-            if self._needs_copy(p, pg_of.get(id(p))):
-                self._before[k] = _blockwise(_copy, torch.empty_like(p, memory_format=torch.contiguous_format),
-                                             p.detach())
+        if self._plan is None or self._plan.before is None:
+            return
+        plan = self._plan
+        self._update_classes(ctx)
+        X = plan.terms(plan.before, *self._before_sources(ctx))      # (state + measured rows, K)
+        ns = plan.bank.n_state
+        measured = X[ns:]
+        if self._acc is None:  # step 0 (on resume the accumulated state was restored)
+            self._acc = X[:ns].clone()
+            S = torch.tensor(plan.bank.start_matrix(), dtype=ACC, device=plan.device)
+            self._cont = S @ X[:ns]
+        inputs = torch.stack([X, torch.cat([self._acc, measured]), X.abs()])   # law, accumulated law, sizes
+        out = self._mix(torch.matmul(self._A, inputs))                          # (3, out, K)
+        self._acc = out[1]
+        self._pred = torch.matmul(plan.q_select, out).squeeze_(1).mul_(self._F3)  # Q: predicted, accumulated, size
+        self._measured_before = measured
 
-    def _displaced(self) -> list[str]:
-        """Names of the tensors whose step displacement a continuous theory reads (its ``d_`` arguments)."""
-        names = dict.fromkeys(p for s in self.sites if s.needs_displacement for p in s.gs.params())
-        return list(names)
-
-    def _param_groups(self, optimizer) -> dict[int, dict]:
-        return {id(p): pg for pg in optimizer.param_groups for p in pg["params"]}
-
-    def _needs_copy(self, p: Tensor, pg: dict | None) -> bool:
-        """Whether Δθ of ``p`` cannot be rebuilt from the optimizer's state after the step (see
-        :meth:`_displacement`; only ``torch.optim.SGD`` runs have a law): a sparse gradient, ``maximize``, or
-        1 − ηλ too close to 0 to divide by (the rebuilt Δθ's round-off grows as 1/(1 − ηλ))."""
-        if pg is None or p.grad is None:
-            return False  # torch leaves it alone: Δθ = 0
-        if _group_kind(pg) is None or p.grad.is_sparse:
-            return True
-        if _group_kind(pg) in ("sgd", "nesterov") and pg["weight_decay"] != 0:
-            return abs(1.0 - float(pg["lr"]) * float(pg["weight_decay"])) < 0.5
-        return False
-
-    def _displacement(self, optimizer, p: Tensor, pg: dict | None) -> Combination:
-        """Δθ = θ_n − θ_{n−1} of ``p`` from ``torch.optim.SGD``'s state after its step, as a
-        :class:`~symtools.numeric.groupops.Combination` (never formed whole). torch's update (sgd.py) is
-        d = g + λθ_{n−1}; with momentum b' = μb + (1 − τ)d (b' = d at the first step); then
-        θ_n = θ_{n−1} − η·u with u = d (plain), b' (heavy ball) or d + μb' (Nesterov). So Δθ = −η·b' for the
-        heavy ball, exactly; where u holds d, θ_{n−1} = θ_n − Δθ gives Δθ = −η(g + λθ_n [+ μb'])/(1 − ηλ).
-        A tensor without a gradient (or in no param group) is not updated: Δθ = 0."""
-        if pg is None or p.grad is None:
-            return Combination(p)
-        lr, wd = float(pg["lr"]), float(pg["weight_decay"])
-        kind = _group_kind(pg)
-        buf = optimizer.state.get(p, {}).get("momentum_buffer") if kind in ("momentum", "nesterov") else None
-        if kind in ("momentum", "nesterov") and buf is None:
-            raise SymtoolsError("SGD with momentum left no momentum buffer after its step: cannot rebuild Δθ")
-        if kind == "momentum":
-            return Combination(p, [(-lr, buf)])
-        den = 1.0 - lr * wd
-        terms = [(-lr / den, p.grad), (-lr * wd / den, p.detach())]
-        if kind == "nesterov":
-            terms.append((-lr * float(pg["momentum"]) / den, buf))
-        return Combination(p, terms)
+    def _mix(self, per_class: Tensor) -> Tensor:
+        """Each column from its own class's result (a single class: the only one)."""
+        if self._onehot is None:
+            return per_class[0]
+        shape = (self._onehot.shape[0],) + (1,) * (per_class.dim() - 2) + (self._onehot.shape[-1],)
+        return per_class.mul_(self._onehot.view(shape)).sum(0)
 
     def after_step(self, ctx) -> None:
         step = ctx.step
-        sources = self._sources(ctx.optimizer, with_buffer=self.kind in ("momentum", "nesterov"))
-        names = self._displaced()
-        if names:  # the displacement θ_n − θ_{n−1}: from the optimizer's state, or over the copy of θ_{n−1}
-            pg_of = self._param_groups(ctx.optimizer)
-            moved = {}
-            for k in names:
-                p = self._params[k]
-                if k in self._before:
-                    moved[k] = _blockwise(torch.sub, self._before[k], p.detach(), self._before[k])
-                else:
-                    moved[k] = self._displacement(ctx.optimizer, p, pg_of.get(id(p)))
-            sources["d_"] = moved
-        self._before = {}
-        cache = ViewCache(sources)
-        results = []
-        for s in self.sites:
-            # the charge and the continuous theory's new terms, in one pass
-            extra = {}
-            if s.continuous:
-                extra = {n: (s.law.DENSITY[n], s.law.ARGS[n]) for n in s.law.CONTINUOUS_MEASURED
-                         if n not in s.pending_cont["terms"]}
-            measured, found = self._charge(s, cache, extra)
-            scale = found.pop("scale")
-            nan = torch.full_like(measured, math.nan)
-            pred = acc = cont = nan
-            if s.law is not None:
-                scale = scale + s.last["terms_scale"]
-                factor = self._factor(s)
-                pred, acc = s.pred["Q"] * factor, s.acc["Q"] * factor
-                if s.continuous:
-                    pend = s.pending_cont
-                    cterms = {n: found[n] if n in found else pend["terms"][n] for n in s.law.CONTINUOUS_MEASURED}
-                    s.cont = s.law.continuous_step(s.cont, cterms, *pend["hyper"])
-                    cont = s.cont["Qc"] * factor
-            results.append((s, measured, scale.clamp_min(1e-300), pred, acc, cont))
-        # the continuous residual's reference: the largest scale of each family (CONTINUOUS_EXCLUDE_REL)
-        largest: dict[str, float] = {}
-        for s, _, scale, *_ in results:
-            if s.continuous and scale.numel():
-                largest[s.gs.family] = max(largest.get(s.gs.family, 0.0), float(scale.max()))
-        row = [float(step)]
-        per_group, excluded = {}, {}
-        for s, measured, scale, pred, acc, cont in results:
-            # the law's own state (e.g. P, R) is re-measured each step; only Q is compared here
-            maxes = [_masked_max((measured - x).abs() / scale) for x in (pred, acc)]
-            if s.continuous:
-                keep = scale >= CONTINUOUS_EXCLUDE_REL * largest.get(s.gs.family, 0.0)
-                if s.single_element and EXCLUDE_SINGLE_ELEMENT:
-                    keep = torch.zeros_like(keep)
-                maxes.append(_masked_max((measured - cont).abs() / scale, keep))
-                left_out = int((~keep).sum())
-                excluded[s.gs.family] = excluded.get(s.gs.family, 0) + left_out
+        if self._plan is None:
+            self._laws.append([float(step)])
+            return
+        plan = self._plan
+        after = plan.terms(plan.after, *self._after_sources())
+        mq = torch.mm(plan.charge_select, after)                          # (2, K): Q(θ_n), Σ|q(θ_n)|
+        pred = getattr(self, "_pred", None)
+        if pred is not None:
+            scale = mq[1].add(pred[2]).clamp_min_(1e-300)
+            if plan.bank.n_cont:
+                pool = torch.cat([self._measured_before, after])
+                xc = torch.cat([self._cont, pool.index_select(0, plan.cont_rows)])
+                self._cont = self._mix(torch.matmul(self._C, xc))
+                cont = torch.mm(plan.qc_select, self._cont).mul_(self._Fc)
             else:
-                maxes.append(math.nan)
-                left_out = math.nan
-            values = (measured, pred, acc, cont)
-            row += [float(v.sum()) for v in values] + maxes + [float(left_out)]
-            self._track(s.gs.family, maxes)
-            per_group[s.index] = values
-        for fam, n in excluded.items():
-            self.excluded_family[fam] = max(self.excluded_family.get(fam) or 0, n)
-        self._laws.append(row)
-        if step % self.stride == 0 or step == ctx.steps:
-            self._append_groups(step, per_group)
+                cont = self._nan_row.unsqueeze(0)
+            values = torch.cat([mq[:1], pred[:2], cont])
+        else:
+            scale = mq[1].clamp_min(1e-300)
+            values = torch.cat([mq[:1], self._nan_row.expand(3, -1)])
+        self._pred = None
+        residual = (values[1:] - values[:1]).abs_().div_(scale)           # (3, K)
+        drop = self._dropped(scale)
+        maxima = self._site_max(residual, drop)
+        excluded = torch.zeros((1, len(self.sites)), dtype=ACC, device=plan.device)
+        excluded.index_add_(1, plan.site_id, drop.to(ACC).unsqueeze_(0)).add_(self._site_nan)
+        row = torch.cat([self._site_sums(values), maxima, excluded])
+        groups = step % self.stride == 0 or step == ctx.steps
+        self._push(step, row, values, groups=groups)
+        config = getattr(ctx, "config", None)
+        every = config.get("checkpoint_every") if isinstance(config, dict) else None
+        if groups or (every and step % every == 0):
+            self._flush()
         if self.check_every and step % self.check_every == 0:
             self._run_checks(ctx)
 
-    def _append_groups(self, step: int, per_group: dict) -> None:
-        for fam, (stream, sites) in self._groups.items():
-            vals = [torch.cat([per_group[s.index][i] for s in sites]) for i in range(len(QUANTITIES))]
-            stream.append(torch.cat([torch.tensor([float(step)], dtype=ACC)] + [v.cpu() for v in vals]))
+    def _dropped(self, scale: Tensor) -> Tensor:
+        """Groups left out of the continuous residual (module docstring, :data:`CONTINUOUS_EXCLUDE_REL`): no
+        continuous theory, one element, or a scale below the fraction of its family's largest."""
+        plan = self._plan
+        fam_max = torch.zeros(len(plan.layout.families), dtype=ACC, device=plan.device)
+        fam_max.scatter_reduce_(0, plan.family_id, scale * self._cont_weight, "amax")
+        return torch.lt(scale, fam_max[plan.family_id].mul_(CONTINUOUS_EXCLUDE_REL)).logical_or_(self._static_drop)
 
-    def _factor(self, s: _Site) -> float:
-        """Ratio of the charge module's density to the law module's Q density (both derived; usually 1)."""
-        if "factor" not in s.last:
-            x = torch.linspace(0.3, 1.7, 5, dtype=ACC)
-            slot = s.gs.slots and next(iter(s.gs.slots))
-            q = s.charge.CHARGE_DENSITY[slot]
-            law_q = s.law.DENSITY["Q"][slot]
-            a = q(*[x for _ in s.charge.ARGS["charge_density"][slot]])
-            b = law_q(*[x for _ in s.law.ARGS["Q"][slot]])
-            ratio = (a / b)
-            if not torch.allclose(ratio, ratio[0].expand_as(ratio), rtol=1e-12, atol=0):
-                raise SymtoolsError(f"{s.gs.family}: the law's Q is not a multiple of the charge")
-            s.last["factor"] = ratio[0]
-        return float(s.last["factor"])
+    def _site_sums(self, values: Tensor) -> Tensor:
+        out = torch.zeros((values.shape[0], len(self.sites)), dtype=ACC, device=values.device)
+        return out.index_add_(1, self._plan.site_id, values)
 
-    def _track(self, family: str, maxes: list[float]) -> None:
-        """Worst residuals so far (None while a quantity has no prediction, e.g. no continuous model)."""
-        fam = self.worst_family.setdefault(family, {"step": None, "accumulated": None, "continuous": None})
-        for key, value in zip(("step", "accumulated", "continuous"), maxes):
-            if not math.isnan(value):
-                self.worst[key] = value if self.worst[key] is None else max(self.worst[key], value)
-                fam[key] = value if fam[key] is None else max(fam[key], value)
+    def _site_max(self, residual: Tensor, drop: Tensor) -> Tensor:
+        """Per site, the largest residual of each kind over its groups (the continuous one over the groups not
+        dropped), NaN where none is a number."""
+        r = torch.nan_to_num(residual, nan=-math.inf)
+        r[2].masked_fill_(drop, -math.inf)
+        out = torch.full((r.shape[0], len(self.sites)), -math.inf, dtype=ACC, device=r.device)
+        out.scatter_reduce_(1, self._plan.site_id.expand_as(r), r, "amax")
+        return out.nan_to_num_(neginf=math.nan)
+
+    # ------------------------------------------------------------------ records (one host transfer per flush)
+    def _push(self, step: int, row: Tensor, values: Tensor, groups: bool) -> None:
+        """Keep the step's row (and per-group values) on the device until the next flush."""
+        self._pending.append((step, row))
+        if groups:
+            self._pending_groups.append((step, values))
+
+    def _flush(self) -> None:
+        if not self._pending and not self._pending_groups:
+            return
+        rows = torch.stack([r.T.reshape(-1) for _, r in self._pending]).cpu().numpy() if self._pending else None
+        if rows is not None:
+            steps = np.array([[float(s)] for s, _ in self._pending])
+            table = np.hstack([steps, rows])
+            self._laws.append(table)
+            self._track(table)
+        for step, values in self._pending_groups:
+            host = values.cpu()
+            for fam, stream in self._groups.items():
+                cols = self._plan.layout.families[fam].cols
+                stream.append(torch.cat([torch.tensor([float(step)], dtype=ACC), host[:, cols].reshape(-1)]))
+        self._pending, self._pending_groups = [], []
+
+    def _track(self, table: np.ndarray) -> None:
+        """Worst residuals so far (None while a quantity has no prediction), per family and overall."""
+        fam, overall, excluded = schema.worst_residuals(self._columns, table, math.inf)
+        for f, entry in fam.items():
+            mine = self.worst_family.setdefault(f, {"step": None, "accumulated": None, "continuous": None})
+            for k, v in entry.items():
+                if v is not None:
+                    mine[k] = v if mine[k] is None else max(mine[k], v)
+        for k, v in overall.items():
+            if v is not None:
+                self.worst[k] = v if self.worst[k] is None else max(self.worst[k], v)
+        for f, n in excluded.items():
+            if n is not None:
+                self.excluded_family[f] = max(self.excluded_family.get(f) or 0, n)
 
     def _run_checks(self, ctx) -> None:
         from symtools.numeric.checker import check
@@ -505,33 +557,45 @@ class Monitor:
         loss = getattr(ctx, "loss_fn", None) or "cross_entropy"  # the run's own loss
         report = check(model, x, y, sub, loss=loss, seed=self.seed + ctx.step, locate=False)
         row = [float(ctx.step)]
-        for fam in sorted({s.gs.family for s in self.sites}):
+        for fam in sorted({s.family for s in self.sites}):
             f = report.families.get(fam)
             row += [f.gradient["max_rel_residual"], f.hessian["rel_residual"], float(f.passed)] if f else [math.nan] * 3
         self._checks.append(row)
 
     # ------------------------------------------------------------------ persistence
     def on_checkpoint(self, ctx) -> None:
+        self._flush()
+        for stream in [self._laws, *self._groups.values()]:
+            flush = getattr(stream, "flush", None)
+            if callable(flush):
+                flush()
         self._state_dir.mkdir(parents=True, exist_ok=True)
-        state = {f"{s.index}|acc|{k}": v.cpu() for s in self.sites for k, v in s.acc.items()}
-        state.update({f"{s.index}|cont|{k}": v.cpu() for s in self.sites for k, v in s.cont.items()})
+        state = {"acc": self._acc.cpu() if self._acc is not None else None,
+                 "cont": self._cont.cpu() if self._cont is not None else None}
         tmp = self._state_dir / f".state_{ctx.step:06d}.pt"
-        dropped = [s.index for s in self.sites if s.law is None]
-        torch.save({"step": ctx.step, "state": state, "worst": dict(self.worst), "measured_only": dropped}, tmp)
+        dropped = [s.index for s in self.sites if not self._law_ok.get(s.index)]
+        torch.save({"version": STATE_VERSION, "step": ctx.step, "state": state, "worst": dict(self.worst),
+                    "measured_only": dropped}, tmp)
         tmp.replace(self._state_dir / f"state_{ctx.step:06d}.pt")
 
     def _restore(self, ctx, step: int) -> None:
         path = self._state_dir / f"state_{step:06d}.pt"
         if not path.exists():
             raise SymtoolsError(f"cannot resume the monitor: {path} is missing")
-        saved = torch.load(path, weights_only=True)
-        for index in saved.get("measured_only", []):  # sites whose law was dropped before the checkpoint
-            site = self.sites[int(index)]
-            site.law = None
-        for key, value in saved["state"].items():
-            index, which, name = key.split("|")
-            site = self.sites[int(index)]
-            (site.acc if which == "acc" else site.cont)[name] = value
+        try:
+            saved = torch.load(path, weights_only=True)
+        except Exception as exc:  # a torn or foreign file: one line, not a traceback
+            raise SymtoolsError(f"cannot resume the monitor: {path} is not a readable monitor state ({exc})") from None
+        if not isinstance(saved, dict) or saved.get("version") != STATE_VERSION:
+            raise SymtoolsError(f"cannot resume the monitor from {path}: it was written by another version of "
+                                f"symtools (state version {saved.get('version') if isinstance(saved, dict) else '?'}, "
+                                f"this one reads {STATE_VERSION})")
+        for index in saved.get("measured_only", []):
+            self._law_ok[int(index)] = False
+        dev = self._plan.device if self._plan else torch.device("cpu")
+        st = saved["state"]
+        self._acc = st["acc"].to(dev) if st.get("acc") is not None else None
+        self._cont = st["cont"].to(dev) if st.get("cont") is not None else None
         self.worst.update(saved.get("worst", {}))
         self._restore_worst(ctx, step)
 
@@ -539,31 +603,20 @@ class Monitor:
         """The worst residuals per family (and overall), and the most groups left out of the continuous
         residual, from the ``laws`` rows of steps ≤ ``step`` (the records as they stood at the checkpoint):
         the resumed run's summary then covers the whole run, as an uninterrupted one's."""
+        from symtools.numeric.records import read_stream
+
         directory = getattr(ctx.records, "directory", None)
         try:
-            cols, rows = read_stream(directory, "laws")
+            cols, rows = read_stream(directory, schema.LAWS_STREAM)
         except (SymtoolsError, OSError, TypeError):
             return  # no records to read (the saved overall worst stays)
         rows = rows[rows[:, 0] <= step]  # another rank may not have cut them back yet
         if not len(rows):
             return
-        where = {c: j for j, c in enumerate(cols)}
-        worst = {"step": None, "accumulated": None, "continuous": None}
-        for fam in sorted({s.gs.family for s in self.sites}):
-            sites = [s for s in self.sites if s.gs.family == fam]
-            entry = {}
-            for key in ("step", "accumulated", "continuous"):
-                vals = rows[:, [where[f"{fam}|{s.index}|{s.gs.layer}|residual_{key}"] for s in sites]]
-                vals = vals[~np.isnan(vals)]
-                entry[key] = float(vals.max()) if vals.size else None
-                if entry[key] is not None:
-                    worst[key] = entry[key] if worst[key] is None else max(worst[key], entry[key])
-            self.worst_family[fam] = entry
-            counts = rows[:, [where[f"{fam}|{s.index}|{s.gs.layer}|excluded_continuous"] for s in sites]]
-            counted = ~np.isnan(counts).all(axis=1)  # rows with a continuous residual (not step 0)
-            if counted.any():
-                self.excluded_family[fam] = int(np.nansum(counts[counted], axis=1).max())
-        self.worst = worst
+        fam, overall, excluded = schema.worst_residuals(cols, rows, step)
+        self.worst_family = {f: dict(v) for f, v in fam.items()}
+        self.worst = dict(overall)
+        self.excluded_family = {f: n for f, n in excluded.items() if n is not None}
 
     def status(self) -> dict:
         out = {"law residual": self.worst["step"]}
@@ -573,9 +626,10 @@ class Monitor:
         return out
 
     def on_end(self, ctx) -> dict:
+        self._flush()
         families = {}
         for f, w in self.worst_family.items():
-            families[f] = {"groups": sum(s.gs.count for s in self.sites if s.gs.family == f),
+            families[f] = {"groups": sum(s.gs.count for s in self.sites if s.family == f),
                            "max_rel_residual_discrete": w["step"],
                            "max_rel_residual_accumulated": w["accumulated"],
                            "max_rel_residual_continuous": w["continuous"],
@@ -591,6 +645,40 @@ class Monitor:
             "families": families,
             "monitor_warnings": self.warnings,
         }
+
+
+def law_module_charge(family: str):
+    from symtools.numeric.monitor_plan import charge_module
+
+    return charge_module(family)
+
+
+class _OrZeros:
+    """Read-only mapping name → ``get(name)``, or zeros shaped like the parameter where that is None; the
+    zeros are made only for a name that is read."""
+
+    def __init__(self, params: dict[str, Tensor], get):
+        self._params, self._get = params, get
+
+    def __contains__(self, name) -> bool:
+        return name in self._params
+
+    def __getitem__(self, name: str) -> Tensor:
+        value = self._get(name)
+        return value if value is not None else torch.zeros_like(self._params[name])
+
+
+def _law_density(law, name: str) -> tuple:
+    return law.DENSITY[name], law.ARGS[name]
+
+
+def _buffer_key(law: str) -> str | None:
+    """torch's optimizer-state entry of the law's buffer b (None: the law keeps none)."""
+    return optimizer_laws.state_entries(law).get("b")
+
+
+def _nan_where_zero(x: Tensor) -> Tensor:
+    return torch.where(x > 0, torch.ones_like(x), torch.full_like(x, math.nan))
 
 
 def _rows(stream) -> int:

@@ -86,6 +86,12 @@ def density_C__x_out(x_out, g_x_out, b_x_out):
 DENSITY = {'Q': {'x_in': density_Q__x_in, 'x_out': density_Q__x_out}, 'P': {'x_in': density_P__x_in, 'x_out': density_P__x_out}, 'R': {'x_in': density_R__x_in, 'x_out': density_R__x_out}, 'M1': {'x_in': density_M1__x_in, 'x_out': density_M1__x_out}, 'G': {'x_in': density_G__x_in, 'x_out': density_G__x_out}, 'C': {'x_in': density_C__x_in, 'x_out': density_C__x_out}}
 ARGS = {'Q': {'x_in': ('x_in',), 'x_out': ('x_out',)}, 'P': {'x_in': ('x_in', 'b_x_in'), 'x_out': ('x_out', 'b_x_out')}, 'R': {'x_in': ('x_in', 'b_x_in'), 'x_out': ('x_out', 'b_x_out')}, 'M1': {'x_in': ('x_in', 'g_x_in'), 'x_out': ('x_out', 'g_x_out')}, 'G': {'x_in': ('x_in', 'g_x_in'), 'x_out': ('x_out', 'g_x_out')}, 'C': {'x_in': ('x_in', 'g_x_in', 'b_x_in'), 'x_out': ('x_out', 'g_x_out', 'b_x_out')}}
 
+MONOMIALS = {'Q': {'x_in': (((2, 0, 0, 0, 0), 1.0),), 'x_out': (((2, 0, 0, 0, 0), -2.0),)}, 'P': {'x_in': (((1, 0, 1, 0, 0), 1.0),), 'x_out': (((1, 0, 1, 0, 0), -2.0),)}, 'R': {'x_in': (((0, 0, 2, 0, 0), 1.0),), 'x_out': (((0, 0, 2, 0, 0), -2.0),)}, 'M1': {'x_in': (((1, 1, 0, 0, 0), 1.0),), 'x_out': (((1, 1, 0, 0, 0), -2.0),)}, 'G': {'x_in': (((0, 2, 0, 0, 0), 1.0),), 'x_out': (((0, 2, 0, 0, 0), -2.0),)}, 'C': {'x_in': (((0, 1, 1, 0, 0), 1.0),), 'x_out': (((0, 1, 1, 0, 0), -2.0),)}}
+DENSITY_TEXT = {'Q': {'x_in': 'x_in**2', 'x_out': '-2*x_out**2'}, 'P': {'x_in': 'b_x_in*x_in', 'x_out': '-2*b_x_out*x_out'}, 'R': {'x_in': 'b_x_in**2', 'x_out': '-2*b_x_out**2'}, 'M1': {'x_in': 'g_x_in*x_in', 'x_out': '-2*g_x_out*x_out'}, 'G': {'x_in': 'g_x_in**2', 'x_out': '-2*g_x_out**2'}, 'C': {'x_in': 'b_x_in*g_x_in', 'x_out': '-2*b_x_out*g_x_out'}}
+NONNEGATIVE = {'Q': False, 'P': False, 'R': False, 'M1': False, 'G': False, 'C': False}
+CHARGE_FACTOR = 1.0
+LINEAR = True
+
 
 def first_step(state, measured, lr, weight_decay, momentum=0.0, dampening=0.0):
     """torch's first step (d = g + λθ; b' = d; θ' = θ − η·(d + μ·b')): the new state from state[X] for X in FIRST_STATE and measured[M] for M in FIRST_MEASURED (per-group float64 tensors; momentum/dampening are ignored where the rule has none)."""

@@ -56,6 +56,12 @@ def density_U2__x_out(x_out, u_x_out):
 DENSITY = {'Q': {'x_in': density_Q__x_in, 'x_out': density_Q__x_out}, 'U1': {'x_in': density_U1__x_in, 'x_out': density_U1__x_out}, 'U2': {'x_in': density_U2__x_in, 'x_out': density_U2__x_out}}
 ARGS = {'Q': {'x_in': ('x_in',), 'x_out': ('x_out',)}, 'U1': {'x_in': ('x_in', 'u_x_in'), 'x_out': ('x_out', 'u_x_out')}, 'U2': {'x_in': ('x_in', 'u_x_in'), 'x_out': ('x_out', 'u_x_out')}}
 
+MONOMIALS = {'Q': {'x_in': (((2, 0, 0, 0, 0), 1.0),), 'x_out': (((2, 0, 0, 0, 0), -1.0),)}, 'U1': {'x_in': (((1, 0, 0, 0, 1), 1.0),), 'x_out': (((1, 0, 0, 0, 1), -1.0),)}, 'U2': {'x_in': (((0, 0, 0, 0, 2), 1.0),), 'x_out': (((0, 0, 0, 0, 2), -1.0),)}}
+DENSITY_TEXT = {'Q': {'x_in': 'x_in**2', 'x_out': '-x_out**2'}, 'U1': {'x_in': 'u_x_in*x_in', 'x_out': '-u_x_out*x_out'}, 'U2': {'x_in': 'u_x_in**2', 'x_out': '-u_x_out**2'}}
+NONNEGATIVE = {'Q': False, 'U1': False, 'U2': False}
+CHARGE_FACTOR = 1.0
+LINEAR = True
+
 
 def first_step(state, measured, lr, weight_decay, momentum=0.0, dampening=0.0):
     """torch's first step (θ ← (1 − ηλ)θ; d = g; m' = β₁m + (1 − β₁)d; s' = β₂s + (1 − β₂)d²; θ' = θ − η·(m'/(1 − β₁ᵏ))/(√(s'/(1 − β₂ᵏ)) + ε)): the new state from state[X] for X in FIRST_STATE and measured[M] for M in FIRST_MEASURED (per-group float64 tensors; momentum/dampening are ignored where the rule has none)."""

@@ -41,6 +41,12 @@ def density_U2__x(x, u_x):
 DENSITY = {'Q': {'x': density_Q__x}, 'U1': {'x': density_U1__x}, 'U2': {'x': density_U2__x}}
 ARGS = {'Q': {'x': ('x',)}, 'U1': {'x': ('x', 'u_x')}, 'U2': {'x': ('x', 'u_x')}}
 
+MONOMIALS = {'Q': {'x': (((2, 0, 0, 0, 0), 1.0),)}, 'U1': {'x': (((1, 0, 0, 0, 1), 1.0),)}, 'U2': {'x': (((0, 0, 0, 0, 2), 1.0),)}}
+DENSITY_TEXT = {'Q': {'x': 'x**2'}, 'U1': {'x': 'u_x*x'}, 'U2': {'x': 'u_x**2'}}
+NONNEGATIVE = {'Q': True, 'U1': False, 'U2': True}
+CHARGE_FACTOR = 1.0
+LINEAR = True
+
 
 def first_step(state, measured, lr, weight_decay, momentum=0.0, dampening=0.0):
     """torch's first step (θ ← (1 − ηλ)θ; d = g; m' = β₁m + (1 − β₁)d; s' = β₂s + (1 − β₂)d²; θ' = θ − η·(m'/(1 − β₁ᵏ))/(√(s'/(1 − β₂ᵏ)) + ε)): the new state from state[X] for X in FIRST_STATE and measured[M] for M in FIRST_MEASURED (per-group float64 tensors; momentum/dampening are ignored where the rule has none)."""

@@ -61,6 +61,12 @@ def density_U__x(x, d_x):
 DENSITY = {'Q': {'x': density_Q__x}, 'P': {'x': density_P__x}, 'R': {'x': density_R__x}, 'M1': {'x': density_M1__x}, 'G': {'x': density_G__x}, 'C': {'x': density_C__x}, 'U': {'x': density_U__x}}
 ARGS = {'Q': {'x': ('x',)}, 'P': {'x': ('x', 'b_x')}, 'R': {'x': ('x', 'b_x')}, 'M1': {'x': ('x', 'g_x')}, 'G': {'x': ('x', 'g_x')}, 'C': {'x': ('x', 'g_x', 'b_x')}, 'U': {'x': ('x', 'd_x')}}
 
+MONOMIALS = {'Q': {'x': (((2, 0, 0, 0, 0), 1.0),)}, 'P': {'x': (((1, 0, 1, 0, 0), 1.0),)}, 'R': {'x': (((0, 0, 2, 0, 0), 1.0),)}, 'M1': {'x': (((1, 1, 0, 0, 0), 1.0),)}, 'G': {'x': (((0, 2, 0, 0, 0), 1.0),)}, 'C': {'x': (((0, 1, 1, 0, 0), 1.0),)}, 'U': {'x': (((0, 0, 0, 2, 0), 1.0),)}}
+DENSITY_TEXT = {'Q': {'x': 'x**2'}, 'P': {'x': 'b_x*x'}, 'R': {'x': 'b_x**2'}, 'M1': {'x': 'g_x*x'}, 'G': {'x': 'g_x**2'}, 'C': {'x': 'b_x*g_x'}, 'U': {'x': 'd_x**2'}}
+NONNEGATIVE = {'Q': True, 'P': False, 'R': True, 'M1': False, 'G': True, 'C': False, 'U': True}
+CHARGE_FACTOR = 1.0
+LINEAR = True
+
 
 def first_step(state, measured, lr, weight_decay, momentum=0.0, dampening=0.0):
     """torch's first step (d = g + λθ; b' = d (torch's first step: no dampening); θ' = θ − η·b'): the new state from state[X] for X in FIRST_STATE and measured[M] for M in FIRST_MEASURED (per-group float64 tensors; momentum/dampening are ignored where the rule has none)."""

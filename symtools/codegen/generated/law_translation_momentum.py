@@ -41,6 +41,12 @@ def density_M1__x(x, g_x):
 DENSITY = {'Q': {'x': density_Q__x}, 'R': {'x': density_R__x}, 'M1': {'x': density_M1__x}}
 ARGS = {'Q': {'x': ('x',)}, 'R': {'x': ('x', 'b_x')}, 'M1': {'x': ('x', 'g_x')}}
 
+MONOMIALS = {'Q': {'x': (((1, 0, 0, 0, 0), 1.0),)}, 'R': {'x': (((0, 0, 1, 0, 0), 1.0),)}, 'M1': {'x': (((0, 1, 0, 0, 0), 1.0),)}}
+DENSITY_TEXT = {'Q': {'x': 'x'}, 'R': {'x': 'b_x'}, 'M1': {'x': 'g_x'}}
+NONNEGATIVE = {'Q': False, 'R': False, 'M1': False}
+CHARGE_FACTOR = 1.0
+LINEAR = True
+
 
 def first_step(state, measured, lr, weight_decay, momentum=0.0, dampening=0.0):
     """torch's first step (d = g + λθ; b' = d (torch's first step: no dampening); θ' = θ − η·b'): the new state from state[X] for X in FIRST_STATE and measured[M] for M in FIRST_MEASURED (per-group float64 tensors; momentum/dampening are ignored where the rule has none)."""

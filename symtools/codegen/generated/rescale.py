@@ -72,6 +72,10 @@ HESSIAN_COUPLING = {'x_in': hessian_coupling__x_in, 'x_out': hessian_coupling__x
 CHARGE_DENSITY = {'x_in': charge_density__x_in, 'x_out': charge_density__x_out}
 ARGS = {'action': {'x_in': ('x_in', 'a'), 'x_out': ('x_out', 'a')}, 'generator': {'x_in': ('x_in',), 'x_out': ('x_out',)}, 'generator_second': {'x_in': ('x_in',), 'x_out': ('x_out',)}, 'hessian_coupling': {'x_in': ('x_in', 'g_x_in'), 'x_out': ('x_out', 'g_x_out')}, 'charge_density': {'x_in': ('x_in',), 'x_out': ('x_out',)}}
 
+GENERATOR_CONSTANT = False
+CHARGE_MONOMIALS = {'x_in': (((2, 0, 0, 0, 0), 1.0),), 'x_out': (((2, 0, 0, 0, 0), -1.0),)}
+CHARGE_TEXT = {'x_in': 'x_in**2', 'x_out': '-x_out**2'}
+
 
 def generator(x_in, x_out):
     """The generator v on every slot, as a tuple in SLOTS order."""

@@ -47,6 +47,10 @@ HESSIAN_COUPLING = {'x': hessian_coupling__x}
 CHARGE_DENSITY = {'x': charge_density__x}
 ARGS = {'action': {'x': ('x', 'a')}, 'generator': {'x': ('x',)}, 'generator_second': {'x': ('x',)}, 'hessian_coupling': {'x': ('x',)}, 'charge_density': {'x': ('x',)}}
 
+GENERATOR_CONSTANT = True
+CHARGE_MONOMIALS = {'x': (((1, 0, 0, 0, 0), 1.0),)}
+CHARGE_TEXT = {'x': 'x'}
+
 
 def generator(x):
     """The generator v on every slot, as a tuple in SLOTS order."""

@@ -1,0 +1,193 @@
+"""What the monitor computes at every step, laid out once per (model, optimizer): the plan of the fused core.
+
+Every monitored group of every family gets one *column* (families in name order, then their sites in the order
+the graph walk found them, then the groups of a site). Each step then works on whole rows over those columns:
+
+* the *terms* a family's law reads (its state Q, P, R … and measured terms M1, G, C …, and after the step the
+  charge, Σ|q| and the continuous theory's U) are per-column sums of elementwise densities. The densities are
+  polynomials in the slot's own θ, g, b, d (``MONOMIALS`` / ``CHARGE_MONOMIALS``, decided symbolically at code
+  generation), so a pass evaluates each distinct monomial once over the flat vectors of all monitored tensors,
+  adds it into per-(slot, column) sums with one ``index_add_`` per membership layer (:mod:`symtools.numeric.flat`),
+  and one matrix product with the coefficients gives every term of every family (:class:`TermMatrix`);
+* the laws advance all families with one batched product (:mod:`symtools.numeric.law_matrices`).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from symtools.errors import SymtoolsError
+from symtools.nn.groups import GroupSet
+from symtools.numeric.flat import ACC, FlatLayout, MembershipLayers, Monomial
+from symtools.numeric.groupops import elements_per_group
+
+
+@dataclass
+class Site:
+    """One monitored group set; ``index`` is its position in the monitor's site list (the records' index)."""
+
+    index: int
+    gs: GroupSet
+    family: str
+    cols: slice = field(default_factory=lambda: slice(0, 0))
+    single_element: bool = False
+
+
+@dataclass
+class Family:
+    """A family's modules, sites and columns."""
+
+    name: str
+    charge: ModuleType
+    law: ModuleType | None
+    sites: list[Site] = field(default_factory=list)
+    cols: slice = field(default_factory=lambda: slice(0, 0))
+
+    @property
+    def slots(self) -> tuple[str, ...]:
+        return tuple(self.charge.SLOTS)
+
+
+def charge_module(family: str) -> ModuleType:
+    return importlib.import_module(f"symtools.codegen.generated.{family}")
+
+
+def law_module(family: str, law: str) -> ModuleType | None:
+    try:
+        return importlib.import_module(f"symtools.codegen.generated.law_{family}_{law}")
+    except ModuleNotFoundError:
+        return None
+
+
+class ColumnLayout:
+    """Sites and families in column order, and per-column integer maps (family, site)."""
+
+    def __init__(self, sites: Sequence[Site], laws: dict[str, ModuleType | None], params):
+        self.families: dict[str, Family] = {}
+        for s in sites:
+            fam = self.families.get(s.family)
+            if fam is None:
+                fam = self.families[s.family] = Family(s.family, charge_module(s.family), laws.get(s.family))
+            fam.sites.append(s)
+        self.families = dict(sorted(self.families.items()))
+        k = 0
+        for fam in self.families.values():
+            start = k
+            for s in fam.sites:
+                s.cols = slice(k, k + s.gs.count)
+                s.single_element = elements_per_group(s.gs, params) == 1
+                k += s.gs.count
+            fam.cols = slice(start, k)
+        self.columns = k
+        self.sites = sorted(sites, key=lambda s: s.index)
+        self.slot_max = max((len(f.slots) for f in self.families.values()), default=1)
+
+    def column_order(self) -> list[Site]:
+        return [s for fam in self.families.values() for s in fam.sites]
+
+    def per_column(self, values_per_site: dict[int, float], device, dtype=ACC) -> torch.Tensor:
+        """A per-site value repeated over the site's columns (built on the host in one piece)."""
+        order = self.column_order()
+        vals = np.repeat(np.array([float(values_per_site.get(s.index, 0.0)) for s in order]),
+                         [s.gs.count for s in order])
+        return torch.from_numpy(vals).to(device=device, dtype=dtype)
+
+    def family_ids(self, device) -> torch.Tensor:
+        ids = {s.index: i for i, fam in enumerate(self.families.values()) for s in fam.sites}
+        return self.per_column(ids, device, torch.long)
+
+    def site_ids(self, device) -> torch.Tensor:
+        """Per column, the position of its site in :attr:`sites` (the records' order)."""
+        return self.per_column({s.index: j for j, s in enumerate(self.sites)}, device, torch.long)
+
+
+@dataclass
+class TermMatrix:
+    """Terms (rows) as coefficient × per-(slot, column) monomial sums: terms = (W @ R) * mask."""
+
+    names: list[tuple[str, str]]          # (family, term) of each row
+    monomials: list[Monomial]
+    W: torch.Tensor                       # (rows, monomials · (slot_max + 1))
+    mask: torch.Tensor                    # (rows, columns): 1 on the row's family's columns
+    functions: list[tuple] = field(default_factory=list)  # (slot → generated function, slot → argument names)
+    absolute: list[bool] = field(default_factory=list)
+
+    @property
+    def sources(self) -> set[str]:
+        return {src for m in self.monomials for src in m.sources()}
+
+
+def term_matrix(layout: ColumnLayout, rows: Sequence[tuple[str, str, dict, bool, tuple]], device) -> TermMatrix:
+    """``rows``: (family, term name, slot → monomial table, absolute, (functions, args)) — absolute: Σ|c|·|m|
+    (a size, not a sum); the generated functions of the same density serve :func:`site_terms`."""
+    monomials: dict[Monomial, int] = {}
+    entries = []
+    for r, (fam, name, table, absolute, _) in enumerate(rows):
+        family = layout.families[fam]
+        for s_idx, slot in enumerate(family.slots):
+            terms = table.get(slot)
+            if terms is None and slot in table:
+                raise SymtoolsError(f"{fam}: the density of {name} on slot {slot} is not a polynomial in the slot's "
+                                    "own θ, g, b, d: the fused monitor cannot reduce it")
+            for exps, coeff in terms or ():
+                odd = any(k % 2 for k in exps)
+                m = Monomial(tuple(exps), absolute and odd)
+                j = monomials.setdefault(m, len(monomials))
+                entries.append((r, j, s_idx, abs(coeff) if absolute else coeff))
+    width = layout.slot_max + 1
+    W = torch.zeros((len(rows), len(monomials) * width), dtype=ACC)
+    for r, j, s_idx, c in entries:
+        W[r, j * width + s_idx] += c
+    mask = torch.zeros((len(rows), layout.columns), dtype=ACC)
+    for r, (fam, *_rest) in enumerate(rows):
+        mask[r, layout.families[fam].cols] = 1.0
+    return TermMatrix([(f, n) for f, n, *_ in rows], list(monomials), W.to(device), mask.to(device),
+                      [r[4] for r in rows], [r[3] for r in rows])
+
+
+def site_terms(tm: TermMatrix, layout: ColumnLayout, cache) -> torch.Tensor:
+    """The same matrix as the flat reduction, site by site with the generated density functions
+    (:func:`symtools.numeric.groupops.reduce_terms`: tensors in their own memory order, in cache-sized blocks,
+    float32 products summed in float64) — the CPU's reducer, where scatter-adds are slow and blocks stay in cache.
+    An absolute row is Σ|density| (the sizes the reduction returns)."""
+    from symtools.numeric.groupops import reduce_terms
+
+    out = torch.zeros_like(tm.mask)
+    by_family: dict[str, list[int]] = {}
+    for r, (fam, _) in enumerate(tm.names):
+        by_family.setdefault(fam, []).append(r)
+    for fam, rows in by_family.items():
+        todo, sized = {}, set()
+        for r in rows:
+            key = tm.names[r][1].strip("|")
+            todo[key] = tm.functions[r]
+            if tm.absolute[r]:
+                sized.add(key)
+        for site in layout.families[fam].sites:
+            totals, sizes = reduce_terms(todo, site.gs, cache, sized=sized)
+            for r in rows:
+                key = tm.names[r][1].strip("|")
+                out[r, site.cols] = sizes[key] if tm.absolute[r] else totals[key]
+    return out
+
+
+def membership(layout: ColumnLayout, flat: FlatLayout) -> MembershipLayers:
+    """Element → reduction column ``slot · columns + group column``; elements of no slot go to the dump column."""
+    entries = []
+    for fam in layout.families.values():
+        for s_idx, slot in enumerate(fam.slots):
+            for site in fam.sites:
+                for ts in site.gs.slots.get(slot, ()):
+                    entries.append((ts, s_idx * layout.columns + site.cols.start))
+    return MembershipLayers.build(flat, entries, layout.slot_max * layout.columns,
+                                  (layout.slot_max + 1) * max(layout.columns, 1))
+
+
+def monitored_params(sites: Sequence[Site]) -> list[str]:
+    return list(dict.fromkeys(p for s in sites for p in s.gs.params()))
