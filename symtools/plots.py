@@ -14,7 +14,8 @@ Reads only the run's records (``RUN/records``, through :func:`symtools.numeric.r
 The column names are read by :mod:`symtools.numeric.record_schema` (their one reader and writer). Every
 legend or title that names the law or the continuous theory takes its words from the derived law module
 ``symtools.codegen.generated.law_<family>_<optimizer>`` of the run's law (``OPTIMIZER``, ``RULE``, ``LAW``,
-``CONTINUOUS_MODEL``; :func:`law_text`), never from text written here.
+``CONTINUOUS_MODEL``; :func:`law_text`), never from text written here; a charge is named by its formula,
+written from the family's generated module ``CHARGE_TEXT`` (:func:`charge_label`).
 
 Figures (each written as PNG and PDF), empirical lines solid and coloured, theory black (the exact
 accumulated law dashed, the continuous theory dotted), as in the paper:
@@ -23,9 +24,10 @@ accumulated law dashed, the continuous theory dotted), as in the paper:
 ``layers``          one panel per family, one line per layer (colour = depth): measured per-layer charge vs
                     the accumulated law and the continuous theory (paper Figs 5, 8, 9, 10 at layer level)
 ``groups_<family>`` one panel per layer, a sample of at most ``max_groups`` groups (neurons/channels) each
-``momentum``        the translation sums under SGD with momentum (heavy ball or Nesterov): measured vs the
-                    run's exact law (oscillates for large β) and its continuous theory where the derivation
-                    has one (heavy ball: the damped oscillator, paper Fig. 6); only for runs with momentum
+``momentum``        the translation sums under a momentum law (the declarations of ``law_kind`` "momentum":
+                    heavy ball, Nesterov; :func:`momentum_laws`): measured vs the run's exact law (oscillates
+                    for large β) and its continuous theory where the derivation has one (heavy ball: the
+                    damped oscillator, paper Fig. 6); only for runs with such a law
 ``residuals``       log scale: per-step law, accumulated law and continuous theory residuals over steps,
                     one panel per family; only when the run has law predictions
 ==================  ==========================================================================================
@@ -52,15 +54,13 @@ from symtools.numeric.record_schema import (GROUP_QUANTITIES, LAWS_STREAM, RESID
                                             parse_sites, read_groups, read_laws, residual)
 from symtools.numeric.records import list_streams, read_meta, read_stream
 
-__all__ = ["plot_run", "load_run", "PlottedRun", "LawText", "law_text", "FIGURES"]
+__all__ = ["plot_run", "load_run", "PlottedRun", "LawText", "law_text", "charge_label", "momentum_laws", "FIGURES"]
 
 #: figure names (files NAME.png and NAME.pdf); ``groups_<family>`` comes once per family
 FIGURES = ("layers", "groups_<family>", "momentum", "residuals")
 FORMATS = ("png", "pdf")
 FAMILY_ORDER = ("translation", "scale", "rescale")  # the paper's order
-MOMENTUM_LAWS = ("momentum", "nesterov")  # the laws of torch.optim.SGD with a momentum buffer (the momentum figure)
 RESIDUAL_FLOOR = 1e-18  # an exactly-zero residual is drawn here (a log axis has no 0)
-CHARGE_LABEL = {"translation": "Σθ (sum)", "scale": "|θ|² (squared norm)", "rescale": "|θ_in|² − |θ_out|²"}
 
 # styles shared by every figure: empirical coloured and solid, theory black
 MEASURED = dict(linestyle="-", linewidth=2.0, alpha=0.85)
@@ -73,6 +73,26 @@ PANEL_LEGEND_WIDTH = 36  # the same for a legend beside a panel
 
 
 # ----------------------------------------------------------------------------------------- the law's words
+def momentum_laws() -> tuple[str, ...]:
+    """The declared optimizer laws whose derivation is the momentum kind (a buffer: heavy ball, Nesterov), in
+    declaration order: the runs that get the momentum figure (``symtools.symbolic.optimizers.DECLARATIONS``)."""
+    from symtools.symbolic.optimizers import DECLARATIONS
+
+    return tuple(name for name, decl in DECLARATIONS.items() if decl.law_kind == "momentum")
+
+
+def charge_label(family: str) -> str:
+    """The charge of ``family`` as a formula written from its generated module's ``CHARGE_TEXT``
+    (:func:`symtools.audit.charges.charge_formula`: ``Σ x_in² − Σ x_out²``), or "charge" when there is none."""
+    try:
+        module = importlib.import_module(f"symtools.codegen.generated.{family}")
+    except ImportError:
+        return "charge"
+    from symtools.audit.charges import charge_formula
+
+    return charge_formula(getattr(module, "CHARGE_TEXT", None)) or "charge"
+
+
 @dataclass(frozen=True)
 class LawText:
     """What the figures say about the law one family follows, in the words of its derived module
@@ -358,7 +378,7 @@ def layers_figure(rec: PlottedRun, families: Sequence[str]):
             if site.has("continuous"):
                 ax.plot(rec.steps, site.values["continuous"], **CONTINUOUS)
                 any_cont = True
-        ax.set_title(f"{fam}: {CHARGE_LABEL.get(fam, 'charge')} per layer", fontsize=10)
+        ax.set_title(f"{fam}: {charge_label(fam)} per layer", fontsize=10)
         _step_axis(ax)
         ax.set_ylabel("Σ over the layer's groups")
         ax.legend(handles=_style_handles(rec.law(fam), any_law, any_cont, width=PANEL_LEGEND_WIDTH) + handles,
@@ -380,7 +400,7 @@ def groups_figure(rec: PlottedRun, family: str, max_groups: int):
     steps = np.asarray(data[:, 0])
     panel_sites = [g for g in group_sites if g.index in by_index]
     fig, axes = _new_figure(max(len(panel_sites), 1), ncols=min(max(len(panel_sites), 1), 4), panel_size=(4.0, 3.0))
-    _suptitle(fig, rec, f"{family}: per-group charges {CHARGE_LABEL.get(family, '')} — measured (colour), "
+    _suptitle(fig, rec, f"{family}: per-group charges {charge_label(family)} — measured (colour), "
                         f"{_predictions(rec, [family])}")
     markers = _markers(len(steps))
     labels = dict(zip([s.index for s in rec.of(family)], _labels(rec.of(family))))
@@ -523,11 +543,11 @@ def plot_run(run: str | os.PathLike, out: str | os.PathLike | None = None, *, fa
             written += _save(groups_figure(rec, fam, max_groups), out_dir, f"groups_{fam}", formats)
         else:
             notes.append(f"groups_{fam}: the run has no per-group stream for {fam}")
-    if "translation" in chosen and rec.optimizer in MOMENTUM_LAWS:
+    if "translation" in chosen and rec.optimizer in momentum_laws():
         written += _save(momentum_figure(rec), out_dir, "momentum", formats)
     elif "translation" in chosen:
-        notes.append(f"momentum: the run's optimizer law is {rec.optimizer or 'none'}, not SGD with momentum "
-                     f"({' or '.join(MOMENTUM_LAWS)})")
+        notes.append(f"momentum: the run's optimizer law is {rec.optimizer or 'none'}, not a momentum law "
+                     f"({' or '.join(momentum_laws())})")
     if any(s.has(residual(q)) for s in rec.sites if s.family in chosen for q in RESIDUALS):
         written += _save(residuals_figure(rec, chosen), out_dir, "residuals", formats)
     else:

@@ -294,6 +294,11 @@ def test_round_trip_sgd_charges_match_records_and_exact_law(sgd_run, tmp_path, c
     for e in (e for e in rep["layers"] if e["family"] == "scale"):
         lb = next(p for p in e["predictions"] if p["kind"] == "lower_bound")
         assert not lb["flagged"]
+    # negative control: the rescale imbalance's drive G = |g_in|² − |g_out|² is not certified ≥ 0 (NONNEGATIVE):
+    # no bound from init, said so
+    for e in (e for e in rep["layers"] if e["family"] == "rescale"):
+        assert "lower_bound" not in {p["kind"] for p in e["predictions"]}
+        assert any("driven by G" in (p["note"] or "") for p in e["predictions"]), e["predictions"]
     # 3. the HTML report opens and every image it shows is a real PNG file next to it
     page = (report / "index.html").read_text(encoding="utf-8")
     parser = _Images()
@@ -468,6 +473,38 @@ def test_momentum_buffers_follow_the_law_and_tampering_is_flagged(tmp_path):
     law = next(p for p in first["predictions"] if p["kind"] == "exact")
     assert law["quantities"]["R"]["flagged_groups"] == 8 and law["quantities"]["Q"]["flagged_groups"] == 0
     assert rep["exit_code"] == 1
+
+
+def test_adamw_first_moment_check_rests_on_derived_facts(tmp_path):
+    """⟨exp_avg, v⟩ = 0 is checked where the declarations say AdamW's first moment sums gradients alone and the
+    module says v is constant (GENERATOR_CONSTANT); a module of an older symtools without that constant gets no
+    check and a note saying why, never a guess."""
+    import types
+
+    from symtools.codegen.generated import translation
+
+    model, x, y = _tiny_run(tmp_path / "run", "adamw")
+    ckpt = load_checkpoint_file(tmp_path / "run" / "checkpoints" / "step_000003.pt")
+    init = load_checkpoint_file(tmp_path / "run" / "checkpoints" / "step_000000.pt")
+    hyper = hyper_from_optimizer(ckpt.optimizer, [n for n, _ in model.named_parameters()], "AdamW", steps=3)
+    model.load_state_dict(ckpt.state_dict)
+    rep = audit_model(model, x, y, checkpoint=ckpt, init=init, hyper=hyper, identities=False)
+    trans = [e for e in rep["layers"] if e["family"] == "translation"]
+    assert trans and all(e["buffers"]["exp_avg"]["check"]["flagged_groups"] == 0 for e in trans)
+    assert all(e["buffers"]["exp_avg"]["check"] is None for e in rep["layers"] if e["family"] == "scale")
+    assert not any("GENERATOR_CONSTANT" in n for n in rep["notes"])
+    old = types.ModuleType("old_translation")
+    old.__dict__.update({k: v for k, v in vars(translation).items() if k not in ("GENERATOR_CONSTANT", "CHARGE_TEXT")})
+    rep_old = audit_model(model, x, y, checkpoint=ckpt, init=init, hyper=hyper, identities=False,
+                          modules={"translation": old})
+    trans_old = [e for e in rep_old["layers"] if e["family"] == "translation"]
+    assert all(e["buffers"]["exp_avg"]["check"] is None for e in trans_old)
+    assert [n for n in rep_old["notes"] if "GENERATOR_CONSTANT" in n] == [
+        "translation: ⟨exp_avg, v⟩ = 0 not checked: its generated module has no GENERATOR_CONSTANT (emitted by an "
+        "older symtools); re-emit it with `symtools derive SPEC --torch FILE`"]
+    for a, b in zip(trans, trans_old):  # the charges themselves do not depend on the derived facts
+        assert a["values"] == b["values"] and a["charge_name"] == "translation sum Σ x"
+    assert trans_old[0]["charge_name"] == "translation sum"  # no CHARGE_TEXT: words only
 
 
 def test_failing_identity_gives_exit_code_1(tmp_path):

@@ -290,3 +290,36 @@ def test_stale_detects_a_hand_edit(tmp_path, monkeypatch):
     path.write_text(path.read_text().replace("    return x**2", "    return 2*x**2", 1))
     (tmp_path / "translation.py").unlink()
     assert sorted(regenerate.stale(tmp_path)) == ["scale", "translation"]
+
+
+def test_every_charged_elementwise_family_gets_its_laws_and_facts():
+    """The law families are derived from the library (emit_laws.families()), so a new elementwise family with a
+    charge gets its law modules by regeneration alone; every elementwise module carries the facts numeric code
+    reads instead of probing (GENERATOR_CONSTANT, CHARGE_TEXT: None exactly when there is no charge)."""
+    from symtools.codegen import emit_laws
+    from symtools.codegen.generated import LAWS, NAMES
+
+    families = emit_laws.families()
+    assert set(families) <= set(library.ELEMENTWISE)
+    assert set(LAWS) == {emit_laws.module_name(f, o) for f in families for o in emit_laws.OPTIMIZERS}
+    for name in library.ELEMENTWISE:
+        assert name in NAMES
+        module = importlib.import_module(f"symtools.codegen.generated.{name}")
+        assert isinstance(module.GENERATOR_CONSTANT, bool)
+        assert (module.CHARGE_TEXT is None) == (not module.HAS_CHARGE) == (name not in families)
+        if module.HAS_CHARGE:
+            assert set(module.CHARGE_TEXT) == set(module.SLOTS)
+
+
+def test_every_law_module_names_its_own_family_and_optimizer():
+    """A law module's FAMILY and OPTIMIZER are the ones in its name (plots and audits read them; a loop variable
+    once shadowed the optimizer's name, so sgd modules said OPTIMIZER = 'G')."""
+    import importlib
+
+    from symtools.codegen import emit_laws
+    from symtools.codegen.generated import LAWS
+
+    assert LAWS
+    for name in LAWS:
+        m = importlib.import_module(f"symtools.codegen.generated.{name}")
+        assert name == emit_laws.module_name(m.FAMILY, m.OPTIMIZER), (name, m.FAMILY, m.OPTIMIZER)

@@ -7,6 +7,7 @@ of the legends and titles (which law, which continuous theory) are checked on th
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import re
 import sys
@@ -207,6 +208,27 @@ def test_heavy_ball_run_names_its_law_and_continuous_theory_from_the_derivation(
     for name in ("layers", "residuals"):
         assert f"continuous theory: {theory}" in texts[name][0], (name, texts[name][0])
         assert not any("no continuous theory" in t for t in texts[name][0])
+    # charges are named by their formula, written from the symmetry modules' CHARGE_TEXT
+    assert "translation: Σ x per layer" in texts["layers"][1] and "scale: Σ x² per layer" in texts["layers"][1]
+    assert "rescale: Σ x_in² − Σ x_out² per layer" in texts["layers"][1]
+    assert "per-group charges Σ x_in² − Σ x_out²" in texts["groups_rescale"][1][0]
+
+
+def test_momentum_figure_only_for_declared_momentum_laws(tmp_path, monkeypatch):
+    """The momentum figure is drawn for the laws declared with law_kind "momentum"; under another declaration
+    the same run gets none (negative control) and the note names the momentum laws."""
+    run = _train(tmp_path / "hb", steps=2)
+    written, notes = plots.plot_run(run, formats=("png",))
+    assert "momentum.png" in [p.name for p in written] and not any(n.startswith("momentum") for n in notes)
+    from symtools.symbolic import optimizers
+
+    decl = dataclasses.replace(optimizers.DECLARATIONS["momentum"], law_kind="taylor")
+    monkeypatch.setitem(optimizers.DECLARATIONS, "momentum", decl)
+    assert plots.momentum_laws() == ("nesterov",)
+    written, notes = plots.plot_run(run, out=tmp_path / "o2", formats=("png",))
+    assert "momentum.png" not in [p.name for p in written]
+    assert any(n.startswith("momentum: the run's optimizer law is momentum, not a momentum law (nesterov)")
+               for n in notes), notes
 
 
 def test_law_text_comes_from_the_module():

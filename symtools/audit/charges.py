@@ -5,6 +5,8 @@ For a family with generated code ``M`` (``symtools.codegen.generated.<family>``)
 (:func:`symtools.numeric.groupops.charges`: one generated call per slot and tensor, no loop over groups).
 For the built-in families this is the translation sum Σθ_A, the scale norm |θ_A|² and the rescale imbalance
 |θ_in|² − |θ_out|²; a declared family gets whatever charge its derivation found (none: it is skipped).
+What a charge is called in reports and figures is written from the module's emitted ``CHARGE_TEXT``
+(:func:`charge_formula`, :func:`charge_name`), so a new family is named without a table entry here.
 
 The same densities are summed with absolute values (``Σ|density|``): the size of the terms the charge adds,
 which sets the round-off scale of a comparison (:mod:`symtools.audit.compare`). Everything is computed in
@@ -13,6 +15,7 @@ float64 from float64 copies of the weights, so charges of float32 weights are ex
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Iterable, Mapping
@@ -20,16 +23,68 @@ from typing import Iterable, Mapping
 import torch
 from torch import Tensor
 
+from symtools.errors import SymtoolsError
 from symtools.nn.groups import GroupSet
 from symtools.numeric import groupops
 
-__all__ = ["LayerCharges", "CHARGE_NAMES", "group_charges", "charge_scale", "distribution", "as_float64",
-           "family_charge_modules"]
+__all__ = ["LayerCharges", "CHARGE_WORDS", "charge_formula", "charge_name", "group_charges", "charge_scale",
+           "distribution", "as_float64", "family_charge_modules"]
 
-#: what each built-in charge is called in reports (a label only; the values come from the generated code)
-CHARGE_NAMES = {"translation": "translation sum Σθ", "scale": "scale norm |θ|²",
-                "rescale": "rescale imbalance |θ_in|² − |θ_out|²", "rescale2": "imbalance |θ_in|² − 2|θ_out|²"}
+#: optional words put before a charge's formula in reports (prose only: a family without an entry is named
+#: "<family> charge" and its formula, which always comes from the generated module's CHARGE_TEXT)
+CHARGE_WORDS = {"translation": "translation sum", "scale": "scale norm", "rescale": "rescale imbalance"}
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+_SUPERSCRIPTS = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
+
+
+def _pretty(text: str) -> str:
+    """SymPy text with integer powers as superscripts and products as centred dots (x_in**2 → x_in²)."""
+    text = re.sub(r"\*\*(\d+)(?![\d.])", lambda m: m.group(1).translate(_SUPERSCRIPTS), text)
+    return text.replace("**", "^").replace("*", "·")
+
+
+def _is_sum(text: str) -> bool:
+    return " + " in text or " - " in text
+
+
+def charge_formula(texts: Mapping[str, str] | None) -> str | None:
+    """The charge of a group written from a symmetry module's ``CHARGE_TEXT`` (slot → SymPy text of the charge
+    density): one sum over the group's elements per slot, ``Σ x_in² − Σ x_out²`` for rescale,
+    ``Σ x_in² − 2·Σ x_out²`` for rescale2. None when there is no text (no charge, or a module emitted before
+    ``CHARGE_TEXT``)."""
+    if not texts:
+        return None
+    parts = []
+    for text in texts.values():
+        if text == "0":
+            continue
+        sign, body = "+", text
+        if body.startswith("-") and not _is_sum(body[1:]):
+            sign, body = "−", body[1:]
+        coeff = ""
+        number = re.fullmatch(r"(\d+(?:\.\d+)?)\*(.+)", body)
+        if number and not _is_sum(number.group(2)):
+            coeff, body = number.group(1) + "·", number.group(2)
+        body = f"({body})" if _is_sum(body) else body
+        parts.append((sign, f"{coeff}Σ {_pretty(body)}"))
+    if not parts:
+        return "0"
+    first_sign, first = parts[0]
+    return ("−" if first_sign == "−" else "") + first + "".join(f" {sign} {term}" for sign, term in parts[1:])
+
+
+def charge_name(family: str, module: ModuleType | None = None) -> str:
+    """What the charge of ``family`` is called in reports: the optional words of :data:`CHARGE_WORDS` (else
+    "<family> charge") and :func:`charge_formula` of its generated module (``module``, else
+    ``symtools.codegen.generated.<family>``; no formula when it has no ``CHARGE_TEXT``)."""
+    if module is None:
+        try:
+            module = groupops.family_module(family)
+        except SymtoolsError:
+            module = None
+    formula = charge_formula(getattr(module, "CHARGE_TEXT", None))
+    words = CHARGE_WORDS.get(family, f"{family} charge")
+    return f"{words} {formula}" if formula else words
 
 
 @dataclass

@@ -38,10 +38,12 @@ from __future__ import annotations
 import importlib
 import math
 from dataclasses import dataclass, field
+from functools import lru_cache
 from types import ModuleType
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
+import sympy as sp
 import torch
 from torch import Tensor
 
@@ -49,11 +51,14 @@ from symtools.errors import SymtoolsError
 from symtools.nn.groups import GroupSet
 from symtools.numeric import groupops
 from symtools.numeric.groupops import group_view
+from symtools.numeric.law_matrices import apply_to_basis
 from symtools.numeric.optimizer_laws import (CHOICES, closes, declaration, hyper_of_group, identify_class,
                                              law_of_group, law_of_state_dict, state_entries)
+from symtools.symbolic.optimizers import DECLARATIONS, GRAD, STATE_SYMBOLS, THETA
 
 __all__ = ["SAFETY", "Hyper", "Snapshot", "Prediction", "hyper_from_optimizer", "law_module", "measure",
-           "predicted_charges", "transfer_matrix", "compare_prediction", "vs_init", "OPTIMIZERS"]
+           "predicted_charges", "transfer_matrix", "compare_prediction", "vs_init", "OPTIMIZERS", "same_density",
+           "linear_states", "gradient_states", "buffer_entries"]
 
 SAFETY = 10.0
 OPTIMIZERS = CHOICES  # every declared optimizer law (symtools.symbolic.optimizers)
@@ -62,7 +67,8 @@ OPTIMIZERS = CHOICES  # every declared optimizer law (symtools.symbolic.optimize
 ADAM_FAMILY = tuple(n for n in CHOICES if not closes(n))
 #: the hyper-parameters a :class:`Hyper` carries (the arguments of the generated laws' ``step``)
 HYPER_FIELDS = ("lr", "weight_decay", "momentum", "dampening")
-_ARG_SOURCES = {"g_": "grads", "b_": "buffers", "u_": "updates", "d_": "updates"}
+_LAW_BUFFER = "b"  # the optimizer-state kind the law modules read (as b_<slot>: STATE_SYMBOLS["b"])
+_ARG_SOURCES = {"g_": "grads", STATE_SYMBOLS[_LAW_BUFFER][1]: "buffers", "u_": "updates", "d_": "updates"}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -74,8 +80,9 @@ class Snapshot:
     """Weights at one step as the comparisons see them.
 
     ``params``: float64 CPU copies by parameter name. ``buffers``: per-parameter optimizer state tensors by
-    kind (``{"momentum_buffer": {name: T}, "exp_avg": {…}}``), float64. ``grads``: a gradient on the audit
-    batch in the weights' own dtype (for the round-off of the gradient identity), or None.
+    torch state entry (:func:`buffer_entries`: ``{"momentum_buffer": {name: T}, "exp_avg": {…}}``), float64.
+    ``grads``: a gradient on the audit batch in the weights' own dtype (for the round-off of the gradient
+    identity), or None.
     """
 
     step: int | None
@@ -274,17 +281,18 @@ def transfer_matrix(law: ModuleType, lrs: Sequence[float], weight_decay: float, 
 
     Returns ``(M, inputs, outputs)``: state_T[outputs] = M @ state_0[inputs]. With ``from_step_zero`` the first
     update uses the law's ``first_step`` (torch's first step: the momentum buffer starts as d), whose input is
-    ``FIRST_STATE``; otherwise every update uses ``step`` on ``STATE``. Each one-step matrix is obtained by
-    applying the generated function to the basis states (plain float arithmetic), so nothing is re-derived.
+    ``FIRST_STATE``; otherwise every update uses ``step`` on ``STATE``. Each one-step matrix is the generated
+    function applied to the unit vectors (:func:`symtools.numeric.law_matrices.apply_to_basis`, as the monitor's
+    law bank does), which is the map itself because code generation certified the law linear (``LINEAR``):
+    nothing is re-derived or sampled. SymtoolsError for a law without that certificate.
     """
+    if getattr(law, "LINEAR", None) is not True:
+        raise SymtoolsError(_not_linear(law))
     zero = {m: 0.0 for m in set(law.MEASURED) | set(law.FIRST_MEASURED)}
 
-    def one(fn: Callable, names_in: tuple, names_out: tuple, lr: float) -> np.ndarray:
-        cols = []
-        for j in names_in:
-            out = fn({n: (1.0 if n == j else 0.0) for n in names_in}, zero, lr, weight_decay, momentum, dampening)
-            cols.append([float(out[n]) for n in names_out])
-        return np.array(cols, dtype=np.float64).T
+    def one(fn: Callable, names_in: tuple, lr: float) -> np.ndarray:
+        return apply_to_basis(lambda st, *h: fn(st, zero, *h), [names_in], state, lr, weight_decay, momentum,
+                              dampening)
 
     state, first = tuple(law.STATE), tuple(law.FIRST_STATE)
     lrs = list(lrs)
@@ -293,30 +301,77 @@ def transfer_matrix(law: ModuleType, lrs: Sequence[float], weight_decay: float, 
         return np.eye(len(names)), names, names
     cache: dict[float, np.ndarray] = {}
     if from_step_zero:
-        m = one(law.first_step, first, state, lrs[0])
+        m = one(law.first_step, first, lrs[0])
         inputs, rest = first, lrs[1:]
     else:
         m = np.eye(len(state))
         inputs, rest = state, lrs
     if rest and all(v == rest[0] for v in rest):
-        a = one(law.step, state, state, rest[0])
+        a = one(law.step, state, rest[0])
         return np.linalg.matrix_power(a, len(rest)) @ m, inputs, state
     for lr in rest:
         a = cache.get(lr)
         if a is None:
-            a = cache[lr] = one(law.step, state, state, lr)
+            a = cache[lr] = one(law.step, state, lr)
         m = a @ m
     return m, inputs, state
 
 
-def _nonnegative(law: ModuleType, quantity: str) -> bool:
-    """Whether the density of ``quantity`` is ≥ 0 for every argument (probed on random values, seed 0)."""
-    gen = torch.Generator().manual_seed(0)
-    for slot, fn in law.DENSITY.get(quantity, {}).items():
-        args = [torch.randn(4096, generator=gen, dtype=torch.float64) for _ in law.ARGS[quantity][slot]]
-        if bool((fn(*args) < 0).any()):
-            return False
-    return bool(law.DENSITY.get(quantity))
+def _not_linear(law: ModuleType) -> str:
+    name = law.__name__.rsplit(".", 1)[-1]
+    return (f"{name} is not certified linear (its LINEAR is {getattr(law, 'LINEAR', 'missing')}): its updates cannot "
+            f"be applied as a matrix from init (regenerate it with `python -m symtools.codegen.regenerate`)")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# what the declarations say about an optimizer's state
+
+
+def _linear_homogeneous(expr: sp.Expr, variables: set[sp.Symbol], constants: set[sp.Symbol]) -> bool:
+    """Whether ``expr`` reads only ``variables`` and ``constants`` and is linear without a constant term in
+    ``variables``."""
+    expr = sp.expand(sp.sympify(expr))
+    if not expr.free_symbols <= variables | constants:
+        return False
+    if sp.simplify(expr.subs({v: 0 for v in variables})) != 0:
+        return False
+    vs = sorted(variables & expr.free_symbols, key=str)
+    return all(sp.simplify(sp.diff(expr, a, b)) == 0 for i, a in enumerate(vs) for b in vs[i:])
+
+
+def _states_linear_in(optimizer: str, with_theta: bool) -> dict[str, str]:
+    decl = declaration(optimizer)
+    out = {}
+    for kind, entry in decl.state.items():
+        variables = {GRAD, STATE_SYMBOLS[kind][0]} | ({THETA} if with_theta else set())
+        rules = [r.state[kind] for r in (decl.first, decl.rule) if kind in r.state]
+        if rules and all(_linear_homogeneous(e, variables, set(decl.hyper)) for e in rules):
+            out[kind] = entry
+    return out
+
+
+@lru_cache(maxsize=None)
+def linear_states(optimizer: str) -> dict[str, str]:
+    """State kind → torch optimizer-state entry of the states of law ``optimizer`` that are running linear
+    combinations of the element's gradients and weights: every update rule of the state (first step and later)
+    is linear without a constant term in g, θ and the state itself, with coefficients set by the hyper-parameters
+    (SGD's momentum buffer, Adam's first moment; not a second-moment accumulator of d²). Their projection ⟨·, v⟩
+    on a generator is the per-group quantity the audit reports. Decided on the declarations' SymPy rules."""
+    return _states_linear_in(optimizer, with_theta=True)
+
+
+@lru_cache(maxsize=None)
+def gradient_states(optimizer: str) -> dict[str, str]:
+    """The :func:`linear_states` of law ``optimizer`` that are linear in the gradients and themselves alone (no θ:
+    AdamW's first moment, whose weight decay is decoupled). Where ⟨g, v⟩ = 0 at every step (a constant generator)
+    and the state starts at 0, ⟨state, v⟩ = 0."""
+    return _states_linear_in(optimizer, with_theta=False)
+
+
+def buffer_entries() -> tuple[str, ...]:
+    """The torch optimizer-state entries the audit reads: every declared law's :func:`linear_states`, in
+    declaration order (``momentum_buffer``, ``exp_avg``)."""
+    return tuple(dict.fromkeys(e for name in DECLARATIONS for e in linear_states(name).values()))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -342,6 +397,7 @@ class Prediction:
     steps: int = 0
     law: str | None = None
     momentum: float = 0.0
+    optimizer: str | None = None  # the declared law ``law`` follows (its optimizer-state entries come from it)
 
 
 def predicted_charges(init: Snapshot, hyper: Hyper | None, records=None, *, target_step: int | None = None
@@ -397,7 +453,7 @@ def _law_prediction(gs: GroupSet, init: Snapshot, hyper: Hyper, steps: int, star
         q0 = measure(sgd, "Q", gs, init.params)
         return Prediction(fam, gs.layer, "exact", "no update between init and checkpoint (steps = 0): every charge "
                                                   "keeps its initial value", {"Q": q0}, lr_sum=0.0, steps=0,
-                          law=sgd.__name__.rsplit(".", 1)[-1])
+                          law=sgd.__name__.rsplit(".", 1)[-1], optimizer="sgd")
     if law is None:
         return Prediction(fam, gs.layer, "none", "law",
                           note=f"no prediction available: no generated law for {fam} under {hyper.optimizer}")
@@ -410,13 +466,16 @@ def _law_prediction(gs: GroupSet, init: Snapshot, hyper: Hyper, steps: int, star
         kind = "reference"
         source = (f"law_{fam}_{hyper.optimizer} from init with its breaking drive {', '.join(unpredicted)} "
                   f"(⟨u, v⟩ of the preconditioned update) set to 0: the charge a symmetry-respecting update keeps")
-    elif hyper.optimizer == "sgd" and set(unpredicted) == {"G"} and _nonnegative(law, "G"):
+    elif hyper.optimizer == "sgd" and set(unpredicted) == {"G"} and law.NONNEGATIVE.get("G") is True:
         kind = "lower_bound"
         source = f"law_{fam}_sgd from init: the drive G = ½·D²q[g] ≥ 0 only adds, so Q_T ≥ Π(1−η_tλ)²·Q_0"
     else:
         return Prediction(fam, gs.layer, "none", "law", law=law.__name__.rsplit(".", 1)[-1],
                           note=f"no prediction available from init alone: the {fam} law under {hyper.optimizer} is "
                                f"driven by {', '.join(unpredicted)} each step (needs the run's records)")
+    if getattr(law, "LINEAR", None) is not True:
+        return Prediction(fam, gs.layer, "none", "law", law=law.__name__.rsplit(".", 1)[-1],
+                          note=f"no prediction available from init: {_not_linear(law)}")
     from_zero = start == 0
     m, inputs, outputs = transfer_matrix(law, lrs, h["weight_decay"], h["momentum"], h["dampening"], from_zero)
     state0 = {}
@@ -431,14 +490,23 @@ def _law_prediction(gs: GroupSet, init: Snapshot, hyper: Hyper, steps: int, star
     xt = torch.from_numpy(m) @ x0
     values = {q: xt[i] for i, q in enumerate(outputs)}
     return Prediction(fam, gs.layer, kind, source, values, lr_sum=float(sum(lrs)), steps=steps,
-                      law=law.__name__.rsplit(".", 1)[-1], momentum=h["momentum"])
+                      law=law.__name__.rsplit(".", 1)[-1], momentum=h["momentum"], optimizer=hyper.optimizer)
 
 
-def _buffer_for(optimizer: str, buffers: Mapping[str, Mapping[str, Tensor]]) -> Mapping[str, Tensor] | None:
-    """The optimizer-state tensors the laws call b (SGD's momentum buffer, by the declaration's state entry);
-    None if absent or the law keeps no buffer."""
-    entry = state_entries(optimizer).get("b")
+def _buffer_for(optimizer: str | None, buffers: Mapping[str, Mapping[str, Tensor]] | None
+                ) -> Mapping[str, Tensor] | None:
+    """The optimizer-state tensors law ``optimizer`` reads as ``b_<slot>`` (state kind ``b`` of the declarations,
+    SGD's momentum buffer), found under the torch entry its declaration names
+    (:func:`symtools.numeric.optimizer_laws.state_entries`); None if absent or the law keeps no such state."""
+    if optimizer is None or not buffers:
+        return None
+    entry = state_entries(optimizer).get(_LAW_BUFFER)
     return buffers.get(entry) if entry else None
+
+
+def _no_buffer(optimizer: str | None) -> str:
+    entry = state_entries(optimizer).get(_LAW_BUFFER) if optimizer else None
+    return f"the checkpoint has no optimizer state {entry!r}" if entry else "the law reads no optimizer state"
 
 
 def _records_predictions(gs: GroupSet, init: Snapshot, hyper: Hyper | None, records, start: int,
@@ -518,8 +586,9 @@ def compare_prediction(pred: Prediction, gs: GroupSet, now: Snapshot, init: Snap
         m = torch.maximum(m_now if m_now is not None else zeros, m_init if m_init is not None else zeros)
     eps = max(now.eps, init.eps if init is not None else 0.0)
     memory = 1.0 / max(1e-12, 1.0 - pred.momentum)  # how long a drive keeps acting through the momentum buffer
-    buffers_now = now.buffers.get("momentum_buffer")
-    buffers_init = init.buffers.get("momentum_buffer") if init is not None else None
+    optimizer = pred.optimizer  # the buffer its law reads is found under this declaration's torch entry
+    buffers_now = _buffer_for(optimizer, now.buffers)
+    buffers_init = _buffer_for(optimizer, init.buffers) if init is not None else None
     reasons = []
     for q, predicted in pred.values.items():
         src_law = own if (own is not None and q in own.DENSITY) else law_sgd
@@ -531,7 +600,7 @@ def compare_prediction(pred: Prediction, gs: GroupSet, now: Snapshot, init: Snap
                                 if src_law is not None else (None, None))
         if actual is None:
             out["quantities"][q] = {"available": False,
-                                    "why": "the checkpoint has no momentum buffers" if q != "Q" else "not measurable"}
+                                    "why": _no_buffer(optimizer) if q != "Q" else "not measurable"}
             continue
         if pred.kind == "recorded":
             tol = SAFETY * eps * size_now
@@ -586,18 +655,18 @@ def compare_prediction(pred: Prediction, gs: GroupSet, now: Snapshot, init: Snap
     return out
 
 
-def same_density(a: ModuleType, a_table: Mapping, a_args: Mapping, b: ModuleType, b_table: Mapping,
-                 b_args: Mapping) -> bool:
-    """Whether two generated density tables are the same function on every slot (probed on random values)."""
-    gen = torch.Generator().manual_seed(2)
-    for slot, fa in a_table.items():
-        fb = b_table.get(slot)
-        if fb is None or len(a_args[slot]) != len(b_args[slot]):
-            return False
-        x = [torch.randn(64, generator=gen, dtype=torch.float64) for _ in a_args[slot]]
-        if not torch.allclose(fa(*x), fb(*x), rtol=1e-14, atol=0):
-            return False
-    return set(a_table) == set(b_table)
+def same_density(a: Mapping[str, str] | None, b: Mapping[str, str] | None) -> bool:
+    """Whether two density tables are the same function, decided on their emitted SymPy text: a symmetry
+    module's ``CHARGE_TEXT`` or a law module's ``DENSITY_TEXT[term]`` (slot → ``sp.sstr(sp.expand(density))``,
+    :mod:`symtools.codegen.emit_facts`). Equal text on every slot (a slot whose density is 0 may be absent)
+    is the same expression in the same argument names, hence the same function. False when either table is
+    missing (a module emitted before these constants) or any slot differs: not known to be the same, which a
+    caller treats as "evaluate it separately" (two texts may differ for one function written two ways, never
+    the other way round)."""
+    if a is None or b is None:
+        return False
+    nonzero = lambda t: {s: x for s, x in t.items() if x != "0"}  # noqa: E731
+    return nonzero(a) == nonzero(b)
 
 
 def _identity_roundoff(law_sgd: ModuleType, gs: GroupSet, snap: Snapshot | None) -> Tensor | None:

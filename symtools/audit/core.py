@@ -17,21 +17,21 @@ from typing import Callable, Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
-from symtools.audit.charges import (CHARGE_NAMES, LayerCharges, as_float64, distribution, family_charge_modules,
+from symtools.audit.charges import (LayerCharges, as_float64, charge_name, distribution, family_charge_modules,
                                     group_charges)
-from symtools.audit.compare import (SAFETY, Hyper, Snapshot, _identity_roundoff, compare_prediction, law_module,
-                                    predicted_charges, same_density, vs_init)
+from symtools.audit.compare import (SAFETY, Hyper, Snapshot, _identity_roundoff, buffer_entries, compare_prediction,
+                                    gradient_states, law_module, predicted_charges, same_density, vs_init)
 from symtools.audit.loading import Checkpoint, optimizer_buffers
 from symtools.errors import SymtoolsError
 from symtools.nn.graph import find_symmetries
 from symtools.nn.groups import GroupSet, SymmetryMap
 from symtools.numeric import groupops
 from symtools.numeric.evaluation import evaluation_mode
+from symtools.numeric.optimizer_laws import declaration
 
 __all__ = ["audit_model", "FORMAT", "VERSION"]
 
 FORMAT, VERSION = "symtools-audit", 1
-BUFFER_KINDS = ("momentum_buffer", "exp_avg")
 
 
 def _loss_and_grad(model: nn.Module, params: Mapping[str, Tensor], x: Tensor, y: Tensor, loss: str,
@@ -60,31 +60,26 @@ def _buffers_by_kind(ckpt: Checkpoint | None, names: list[str], shapes: dict) ->
     per, why = optimizer_buffers(ckpt.optimizer, names, shapes)
     if why:
         return {}, why
+    kinds = buffer_entries()  # the declared optimizer states that are linear in g and θ (compare.linear_states)
     out: dict[str, dict[str, Tensor]] = {}
     for name, entry in per.items():
         for kind, t in entry.items():
-            if kind in BUFFER_KINDS and isinstance(t, Tensor) and tuple(t.shape) == tuple(shapes[name]):
+            if kind in kinds and isinstance(t, Tensor) and tuple(t.shape) == tuple(shapes[name]):
                 out.setdefault(kind, {})[name] = t.detach().to("cpu", torch.float64)
     return out, ""
 
 
-def _generator_is_constant(module: ModuleType) -> bool:
-    """v does not depend on θ (translation-like): the fact the emitter derives symbolically, ``GENERATOR_CONSTANT``."""
-    if not hasattr(module, "GENERATOR_CONSTANT"):  # TODO remove when regenerated (with the probe below)
-        return _probe_generator_is_constant(module)
-    return bool(module.GENERATOR_CONSTANT)
+def _generator_is_constant(module: ModuleType) -> bool | None:
+    """Whether v does not depend on θ (translation-like): ``GENERATOR_CONSTANT``, which the emitter derives
+    symbolically. None for a module emitted before that constant existed (a ``symtools derive --torch`` file of
+    an older symtools): unknown, so whatever rests on it is skipped and said so (:func:`_old_module_note`)."""
+    value = getattr(module, "GENERATOR_CONSTANT", None)
+    return None if value is None else bool(value)
 
 
-def _probe_generator_is_constant(module: ModuleType) -> bool:  # TODO remove when regenerated
-    """The former numeric probe, for modules emitted before ``GENERATOR_CONSTANT``: two random arguments."""
-    gen = torch.Generator().manual_seed(1)
-    for slot, fn in module.GENERATOR.items():
-        n = len(module.ARGS["generator"][slot])
-        a = [torch.randn(64, generator=gen, dtype=torch.float64) for _ in range(n)]
-        b = [torch.randn(64, generator=gen, dtype=torch.float64) for _ in range(n)]
-        if not torch.equal(fn(*a), fn(*b)):
-            return False
-    return True
+def _old_module_note(family: str, what: str) -> str:
+    return (f"{family}: {what} not checked: its generated module has no GENERATOR_CONSTANT (emitted by an older "
+            f"symtools); re-emit it with `symtools derive SPEC --torch FILE`")
 
 
 def _by_index(sets: list[GroupSet], charges: list) -> dict[int, object]:
@@ -152,7 +147,7 @@ def audit_model(model: nn.Module, inputs: Tensor, targets: Tensor, *, checkpoint
         predictions = _predictions(init_snap, hyper, records, target_step, checkpoint, notes)
         say("comparisons")
         layers = [_layer_report(key, gs, charges, predictions.get(key, []), now_snap, init_snap, buffers.now, hyper,
-                                modules, losses.func_vs_init) for key, gs in enumerate(sets)]
+                                modules, losses.func_vs_init, notes) for key, gs in enumerate(sets)]
     return _jsonable(_report(
         model=model, inputs=inputs, info=info, checkpoint=checkpoint, layout=layout, charges=charges, start=start,
         hyper=hyper, records=records, report_ident=report_ident, losses=losses, sets=sets, layers=layers,
@@ -311,7 +306,8 @@ def _function_vs_init(loss_init: float, loss_now: float, logits_init: Tensor, lo
 
 @dataclass
 class _Buffers:
-    """Optimizer buffers (momentum, exp_avg) by kind and parameter, float64: of the audited checkpoint (with a
+    """Optimizer buffers by torch state entry (those of :func:`~symtools.audit.compare.buffer_entries`:
+    ``momentum_buffer``, ``exp_avg``) and parameter, float64: of the audited checkpoint (with a
     note why there are none) and of the init checkpoint."""
 
     now: dict[str, dict[str, Tensor]]
@@ -334,15 +330,15 @@ def _init_step(init_step: int | None, init_ckpt: Checkpoint | None) -> int:
 
 def _now_snapshot(checkpoint: Checkpoint | None, sets: list[GroupSet], charges: _Charges, buffers: _Buffers,
                   losses: _Losses, layout: _Layout) -> Snapshot:
-    """The audited weights as the comparisons see them; a law's Q that is the charge density itself reuses the
-    charges already computed."""
+    """The audited weights as the comparisons see them; a law's Q that is the charge density itself (the same
+    emitted text: :func:`~symtools.audit.compare.same_density`) reuses the charges already computed."""
     snap = Snapshot(checkpoint.step if checkpoint is not None else None, charges.now_params, sets, buffers.now,
                     losses.grads_now, layout.dtype, "checkpoint")
     for key, gs in enumerate(sets):
         sgd = law_module(gs.family, "sgd")
         mod = charges.modules.get(gs.family)
         if sgd is None or mod is None or key not in charges.now or not same_density(
-                sgd, sgd.DENSITY["Q"], sgd.ARGS["Q"], mod, mod.CHARGE_DENSITY, mod.ARGS["charge_density"]):
+                sgd.DENSITY_TEXT["Q"], getattr(mod, "CHARGE_TEXT", None)):
             continue
         snap.cache[("Q", id(gs))] = (charges.now[key].values, charges.now[key].scale)
     return snap
@@ -378,12 +374,13 @@ def _predictions(init_snap: Snapshot | None, hyper: Hyper | None, records, targe
 
 def _layer_report(key: int, gs: GroupSet, charges: _Charges, predictions: list, now_snap: Snapshot,
                   init_snap: Snapshot | None, buffers: dict[str, dict[str, Tensor]], hyper: Hyper | None,
-                  modules: Mapping[str, ModuleType] | None, func_vs_init: dict | None) -> dict:
+                  modules: Mapping[str, ModuleType] | None, func_vs_init: dict | None, notes: list[str]) -> dict:
     """The report entry of one group set: its charges and their change since init, each prediction compared,
-    each optimizer buffer projected on the generator (checked where a law says it vanishes); ``flagged`` with
-    the reasons when any of them broke."""
+    each optimizer buffer projected on the generator (checked where the declarations say it vanishes);
+    ``flagged`` with the reasons when any of them broke. A check skipped for want of a derived fact adds a line
+    to ``notes`` (once)."""
     lc, ic = charges.now.get(key), charges.init.get(key)
-    entry = _charge_entry(gs, lc, ic)
+    entry = _charge_entry(gs, lc, ic, charges.modules.get(gs.family))
     if lc is not None:
         sgd = law_module(gs.family, "sgd")
         for pred in predictions:
@@ -396,8 +393,10 @@ def _layer_report(key: int, gs: GroupSet, charges: _Charges, predictions: list, 
         if not all(p in tensors for p in gs.params()):
             continue
         b = entry["buffers"][kind] = _buffer_report(kind, tensors, gs, module, charges.now_params, hyper, now_snap)
+        if b.get("note") and b["note"] not in notes:
+            notes.append(b["note"])
         if b["check"] is not None and b["check"]["flagged_groups"]:
-            _flag(entry, f"⟨exp_avg, v⟩ ≠ 0 in {b['check']['flagged_groups']} groups")
+            _flag(entry, f"⟨{kind}, v⟩ ≠ 0 in {b['check']['flagged_groups']} groups")
     if entry["flagged"] and func_vs_init is not None and func_vs_init.get("same_function"):
         entry["reasons"].append("the function is unchanged from init on the audit batch: consistent with a "
                                 "symmetry action applied to the weights")
@@ -409,11 +408,12 @@ def _flag(entry: dict, reason: str) -> None:
     entry["reasons"].append(reason)
 
 
-def _charge_entry(gs: GroupSet, lc: LayerCharges | None, ic: LayerCharges | None) -> dict:
+def _charge_entry(gs: GroupSet, lc: LayerCharges | None, ic: LayerCharges | None,
+                  module: ModuleType | None) -> dict:
     """A layer entry with the group set's description, its charge distribution now and vs init (no predictions,
     buffers or flags yet)."""
     entry = {"family": gs.family, "layer": gs.layer, "groups": gs.count, "params": gs.params(),
-             "note": gs.note, "charge_name": CHARGE_NAMES.get(gs.family, f"{gs.family} charge"),
+             "note": gs.note, "charge_name": charge_name(gs.family, module),
              "charge": None, "values": None, "vs_init": None, "predictions": [], "buffers": {},
              "flagged": False, "reasons": []}
     if lc is not None:
@@ -430,26 +430,36 @@ def _charge_entry(gs: GroupSet, lc: LayerCharges | None, ic: LayerCharges | None
 
 def _buffer_report(kind: str, tensors: Mapping[str, Tensor], gs: GroupSet, module: ModuleType,
                    now_params: Mapping[str, Tensor], hyper: Hyper | None, now_snap: Snapshot) -> dict:
-    """⟨buffer, v⟩ per group; under AdamW with a constant generator, checked to vanish (:func:`_adamw_check`)."""
+    """⟨buffer, v⟩ per group; checked to vanish (:func:`_vanishing_check`) when the hypothesis' law keeps this
+    buffer as a running combination of gradients alone (:func:`~symtools.audit.compare.gradient_states`: AdamW's
+    ``exp_avg``) and the generator is constant (``GENERATOR_CONSTANT``)."""
     proj, size = groupops.gradient_terms(module, gs, now_params, tensors)
     b = {"projection": distribution(proj.cpu()), "what": f"⟨{kind}, v⟩ per group", "check": None}
-    if kind == "exp_avg" and hyper is not None and hyper.optimizer == "adamw" and _generator_is_constant(module):
-        b["check"] = _adamw_check(proj, size, gs, now_snap)
+    states = gradient_states(hyper.optimizer) if hyper is not None else {}
+    if kind in states.values():
+        constant = _generator_is_constant(module)
+        if constant is None:
+            b["note"] = _old_module_note(gs.family, f"⟨{kind}, v⟩ = 0")
+        elif constant:
+            b["check"] = _vanishing_check(kind, hyper.optimizer, proj, size, gs, now_snap)
     return b
 
 
-def _adamw_check(proj: Tensor, size: Tensor, gs: GroupSet, now_snap: Snapshot) -> dict:
-    """AdamW's first moment is an average of gradients and ⟨g, v⟩ = 0 for a constant v, so ⟨exp_avg, v⟩ = 0:
-    the groups above SAFETY·(ε_w·Σ|b·v| + the round-off of ⟨g, v⟩ as for the laws)."""
+def _vanishing_check(kind: str, optimizer: str, proj: Tensor, size: Tensor, gs: GroupSet,
+                     now_snap: Snapshot) -> dict:
+    """A state that combines gradients alone (its declared update reads only g and itself, e.g. AdamW's first
+    moment) has ⟨state, v⟩ = 0 where ⟨g, v⟩ = 0 every step (v constant): the groups above SAFETY·(ε_w·Σ|b·v| +
+    the round-off of ⟨g, v⟩ as for the laws)."""
     sgd_law = law_module(gs.family, "sgd")
     m_round = _identity_roundoff(sgd_law, gs, now_snap) if sgd_law is not None else None
     if m_round is None:
         m_round = torch.zeros(gs.count, dtype=torch.float64)
     tol = SAFETY * (now_snap.eps * size.cpu() + m_round)
     bad = torch.nonzero(proj.cpu().abs() > tol).flatten().tolist()
-    return {"law": "AdamW's first moment is an average of gradients (no weight decay in it) and "
-                   "⟨g, v⟩ = 0 with v constant, so ⟨exp_avg, v⟩ = 0 (tolerance: SAFETY·(ε_w·Σ|b·v| "
-                   "+ round-off of ⟨g, v⟩ as for the laws))",
+    decl = declaration(optimizer)
+    return {"law": f"{decl.label}'s {kind} is a running linear combination of gradients alone (its declared update "
+                   f"reads only g and itself: {decl.rule.text}) and ⟨g, v⟩ = 0 with v constant, so ⟨{kind}, v⟩ = 0 "
+                   "(tolerance: SAFETY·(ε_w·Σ|b·v| + round-off of ⟨g, v⟩ as for the laws))",
             "max_ratio": float((proj.cpu().abs() / tol.clamp_min(1e-300)).max()),
             "flagged_groups": len(bad), "flagged": bad[:64]}
 
@@ -462,7 +472,7 @@ def _family_summaries(sets: list[GroupSet], charges: _Charges, layers: list[dict
         vals = [charges.now[i].values for i, g in enumerate(sets) if g.family == fam and i in charges.now]
         families[fam] = {"groups": sum(g.count for g in sets if g.family == fam),
                          "group_sets": sum(1 for g in sets if g.family == fam),
-                         "charge_name": CHARGE_NAMES.get(fam, f"{fam} charge"),
+                         "charge_name": charge_name(fam, charges.modules.get(fam)),
                          "charge": distribution(torch.cat(vals)) if vals else None,
                          "has_charge": fam in charges.modules,
                          "flagged_layers": sum(1 for e in layers if e["family"] == fam and e["flagged"])}

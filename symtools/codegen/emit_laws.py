@@ -16,6 +16,8 @@ A law module (contract in ``docs/laws.md``) holds, printed from the SymPy result
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import sympy as sp
 
 from symtools.codegen import emit_facts
@@ -27,13 +29,25 @@ from symtools.symbolic.derive import derive
 from symtools.symbolic.laws import Law, Term, law, quantity
 from symtools.symbolic.optimizers import DECLARATIONS, PYTHON_NAMES
 
-FAMILIES = ("translation", "scale", "rescale", "rescale2")
 OPTIMIZERS = tuple(DECLARATIONS)  # every declared optimizer (symtools.symbolic.optimizers), in declaration order
 PREFIX = "law_"
 HYPER_ARGS = "lr, weight_decay, momentum=0.0, dampening=0.0"
 ARG_PREFIXES = ("b_", "u_", "d_")  # buffer, update direction, displacement (after the gradient g_)
 
 TITLES = {name: decl.title for name, decl in DECLARATIONS.items()}  # the torch call each law stands for
+
+
+@lru_cache(maxsize=None)
+def families() -> tuple[str, ...]:
+    """The families that get law modules: every elementwise family of the library
+    (:data:`symtools.symbolic.library.ELEMENTWISE`, in its order) whose derivation finds a charge."""
+    return tuple(name for name in library.ELEMENTWISE if derive(library.elementwise(name)).charge.exists)
+
+
+def __getattr__(name: str):
+    if name == "FAMILIES":  # derived on first use (a derivation per family), not at import
+        return families()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def module_name(family: str, optimizer: str) -> str:
@@ -167,7 +181,7 @@ def _facts(lw: Law, cont: ContinuousStep | None, terms: list[Term]) -> str:
 def sources() -> dict[str, str]:
     """Module name → source of every law module (derived now, not read from disk)."""
     out = {}
-    for family in FAMILIES:
+    for family in families():
         d = derive(library.elementwise(family))
         for opt in OPTIMIZERS:
             out[module_name(family, opt)] = emit_law(law(d, opt), continuous_step(d, opt))
@@ -180,7 +194,7 @@ def table_markdown() -> str:
 
     rows = ["| family | optimizer | state | measured (later steps) | first step reads | continuous state ← measured |",
             "|---|---|---|---|---|---|"]
-    for family in FAMILIES:
+    for family in families():
         for opt in OPTIMIZERS:
             m = importlib.import_module(f"symtools.codegen.generated.{module_name(family, opt)}")
             cont = (", ".join(m.CONTINUOUS_STATE) + " ← " + (", ".join(m.CONTINUOUS_MEASURED) or "—")

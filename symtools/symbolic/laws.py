@@ -332,13 +332,13 @@ def sgd_law(d: Derivation, name: str = "sgd") -> Law:
                         measured.append(m1)
                     basis[m1.name] = m1.pointwise()
                     continue
-                name = f"M1_d{deg}" if multi else "M1"
-                proof.append(f"first-order term of degree {deg} kept as measured {name} (reduces modulo the identity "
+                term_name = f"M1_d{deg}" if multi else "M1"
+                proof.append(f"first-order term of degree {deg} kept as measured {term_name} (reduces modulo the identity "
                              "only summed over degrees)")
-                term = Term(name, _split(tk, d), f"⟨g, ∇q_{deg}⟩", None)
+                term = Term(term_name, _split(tk, d), f"⟨g, ∇q_{deg}⟩", None)
             else:
-                name = _taylor_name(k) + (f"_d{deg}" if multi else "")
-                term = Term(name, _split(tk, d), f"(1/{k}!)·D^{k}q{'_' + str(deg) if multi else ''}(θ)[g]^{k}"
+                term_name = _taylor_name(k) + (f"_d{deg}" if multi else "")
+                term = Term(term_name, _split(tk, d), f"(1/{k}!)·D^{k}q{'_' + str(deg) if multi else ''}(θ)[g]^{k}"
                             + (": the charge density at g" if k == deg == 2 else ""))
             measured.append(term)
             basis[term.name] = term.pointwise()
