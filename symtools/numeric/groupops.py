@@ -87,48 +87,8 @@ def evaluate(module: ModuleType, kind: str, gs: GroupSet, params, grads=None):
             yield slot, ts, table[slot](*_arguments(module, kind, gs, slot, i, params, grads))
 
 
-class Combination:
-    """A tensor given as ``Σ_k c_k·t_k`` (same-shaped tensors, scalar coefficients), never formed whole by
-    :func:`reduce_terms`: each block of rows it reads is combined on the fly, so no full-size temporary is
-    made. The monitor passes a step's displacement θ_n − θ_{n−1} this way, rebuilt from the optimizer's
-    state after the step (e.g. −η·b' for SGD with momentum) instead of a copy of the weights.
-    :meth:`materialize` forms it whole (one tensor; used only where a coupled action needs its view)."""
-
-    def __init__(self, like: Tensor, terms: Iterable[tuple[float, Tensor]] = ()):
-        self.shape, self.dtype, self.device = like.shape, like.dtype, like.device
-        self.terms = [(float(c), t) for c, t in terms if float(c) != 0.0]
-
-    def blocks(self, rows: int, width: int, step: int) -> "_CombinedBlocks":
-        """The ``(rows, width)`` matrix in blocks of ``step`` rows, each combined when indexed."""
-        return _CombinedBlocks(self, [(c, t.reshape(rows, width).split(step)) for c, t in self.terms],
-                               rows, width, step)
-
-    def materialize(self) -> Tensor:
-        out = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
-        for c, t in self.terms:
-            out.add_(t, alpha=c)
-        return out
-
-
-class _CombinedBlocks:
-    def __init__(self, comb: Combination, parts, rows: int, width: int, step: int):
-        self.comb, self.parts, self.rows, self.width, self.step = comb, parts, rows, width, step
-
-    def __getitem__(self, b: int) -> Tensor:
-        if not self.parts:
-            n = min(self.step, self.rows - b * self.step)
-            return torch.zeros((n, self.width), dtype=self.comb.dtype, device=self.comb.device)
-        (c, first), rest = self.parts[0], self.parts[1:]
-        out = torch.mul(first[b], c)
-        for c, blocks in rest:
-            out.add_(blocks[b], alpha=c)
-        return out
-
-
-def _row_blocks(src, rows: int, width: int, step: int):
-    """``src`` (a tensor or a :class:`Combination`) as a ``(rows, width)`` matrix in blocks of ``step`` rows."""
-    if isinstance(src, Combination):
-        return src.blocks(rows, width, step)
+def _row_blocks(src: Tensor, rows: int, width: int, step: int):
+    """``src`` as a ``(rows, width)`` matrix in blocks of ``step`` rows."""
     return src.reshape(rows, width).split(step)
 
 
@@ -137,8 +97,7 @@ class ViewCache:
 
     Many group sets share tensors (a conv weight is ``x_out`` of one rescale site, ``x_in`` of the next and
     ``x`` of a scale group), so the monitor evaluates all its densities through one cache per step.
-    ``sources`` maps an argument prefix (``""`` values, ``"g_"`` gradients, ``"b_"`` buffers …) to tensors
-    (or :class:`Combination` objects).
+    ``sources`` maps an argument prefix (``""`` values, ``"g_"`` gradients, ``"b_"`` buffers …) to tensors.
     Views keep the tensors' dtype when it is float32 or float64 (half precisions are widened to float32):
     densities are evaluated elementwise in that dtype and summed in float64 (see :func:`reduce_density`).
     """
@@ -158,10 +117,7 @@ class ViewCache:
         key = (prefix, ts.param, ts.axis, ts.shape)
         view = self._views.get(key)
         if view is None:
-            source = self.source(prefix, ts)
-            if isinstance(source, Combination):
-                source = source.materialize()
-            view = _widen(group_view(source, ts))
+            view = _widen(group_view(self.source(prefix, ts), ts))
             self._views[key] = view
         return view
 

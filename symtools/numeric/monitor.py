@@ -44,11 +44,9 @@ from symtools.errors import SymtoolsError
 from symtools.nn.groups import SymmetryMap
 from symtools.numeric import optimizer_laws
 from symtools.numeric import record_schema as schema
-from symtools.numeric.flat import ACC, FlatLayout, FlatSources, reduce_monomials
-from symtools.numeric.groupops import ViewCache
-from symtools.numeric.law_matrices import LawBank
-from symtools.numeric.monitor_plan import (ColumnLayout, Site, TermMatrix, law_module, membership, monitored_params,
-                                           site_terms, term_matrix)
+from symtools.numeric.flat import ACC
+from symtools.numeric.monitor_laws import LawAssignment, buffer_key
+from symtools.numeric.monitor_plan import FusedPlan, Site, charge_module, law_module
 
 QUANTITIES = schema.LAW_QUANTITIES
 
@@ -69,11 +67,6 @@ EXCLUSION_RULE = (f"continuous residual: groups of a single parameter element (t
                   f"theory omits) and groups with scale < {CONTINUOUS_EXCLUDE_REL:g} × the largest scale of their "
                   f"family at that step are left out")
 STATE_VERSION = 2
-#: How per-group sums are reduced: "flat" (monomials over flat copies, one scatter-add per layer: a fixed
-#: handful of kernels, the device path) or "sites" (the generated densities site by site over the live tensors
-#: in cache-sized blocks: the CPU's faster path, where scatter-adds are scalar loops). Default per device type.
-REDUCERS = ("flat", "sites")
-DEFAULT_REDUCER = {"cpu": "sites"}
 
 
 def optimizer_kind(optimizer: torch.optim.Optimizer) -> tuple[str | None, str]:
@@ -84,92 +77,6 @@ def optimizer_kind(optimizer: torch.optim.Optimizer) -> tuple[str | None, str]:
                                 f"preconditioning breaks the gradient identity's cancellation (the breaking term is "
                                 f"derived in docs/laws.md); recording measured charges only")
     return name, reason
-
-
-class _Plan:
-    """The static part of the fused core for one (model, optimizer): layout, term matrices, law bank, buffers."""
-
-    def __init__(self, sites: list[Site], laws: dict, params: dict[str, Tensor], reducer: str | None = None):
-        self.layout = ColumnLayout(sites, laws, params)
-        some = next(iter(params.values()))
-        self.device = some.device
-        self.reducer = reducer or DEFAULT_REDUCER.get(self.device.type, "flat")
-        if self.reducer not in REDUCERS:
-            raise SymtoolsError(f"unknown reducer {self.reducer!r}; choose one of {', '.join(REDUCERS)}")
-        dev = self.device
-        fams = self.layout.families
-        self.bank = LawBank({f.name: f.law for f in fams.values() if f.law is not None})
-        # before the step: the law's state rows, then its measured rows (the bank's order)
-        rows = [(fam, n, fams[fam].law.MONOMIALS[n], False, _law_density(fams[fam].law, n))
-                for fam, n in self.bank.state_names() + self.bank.measured_names()]
-        self.before_rows = rows
-        self.before = term_matrix(self.layout, rows, dev) if rows else None
-        # after the step: per family the charge and Σ|q|; then what the continuous theories read after the step
-        after = []
-        for f in fams.values():
-            q = (f.charge.CHARGE_DENSITY, f.charge.ARGS["charge_density"])
-            after += [(f.name, "Q", f.charge.CHARGE_MONOMIALS, False, q), (f.name, "|Q|", f.charge.CHARGE_MONOMIALS, True, q)]
-        measured_before = set(self.bank.measured_names())
-        self.cont_after = [(fam, n) for fam, n in self.bank.cont_measured_names() if (fam, n) not in measured_before]
-        after += [(fam, n, fams[fam].law.MONOMIALS[n], False, _law_density(fams[fam].law, n))
-                  for fam, n in self.cont_after]
-        self.after_rows = after
-        self.after = term_matrix(self.layout, after, dev)
-        # where each continuous measured term comes from: a before-measured row or an after-measured row
-        pool = self.bank.measured_names() + [(f, n) for f, n in [(r[0], r[1]) for r in after]]
-        offset = len(self.bank.measured_names())
-        self.cont_rows = torch.tensor([self.bank.measured_names().index(k) if k in measured_before
-                                       else offset + [(r[0], r[1]) for r in after].index(k)
-                                       for k in self.bank.cont_measured_names()], dtype=torch.long, device=dev)
-        del pool
-        nf = len(fams)
-        sel = torch.zeros((2, len(after)), dtype=ACC)
-        for i in range(nf):
-            sel[0, 2 * i], sel[1, 2 * i + 1] = 1.0, 1.0
-        self.charge_select = sel.to(dev)
-        self.q_select = self._selector(self.bank.q_rows(), self.bank.n_state)
-        self.qc_select = self._selector([r for r in self.bank.qc_rows() if r is not None], self.bank.n_cont)
-        # per-column constants
-        lay = self.layout
-        self.family_id = lay.family_ids(dev)
-        self.site_id = lay.site_ids(dev)
-        factor = {s.index: (fams[s.family].law.CHARGE_FACTOR if fams[s.family].law is not None else 1.0)
-                  for s in lay.sites}
-        if any(v is None for v in factor.values()):
-            raise SymtoolsError("a law's Q is not a constant multiple of its family's charge (CHARGE_FACTOR)")
-        self.factor = lay.per_column(factor, dev)
-        self.single = lay.per_column({s.index: float(s.single_element) for s in lay.sites}, dev)
-        # flat buffers
-        names = monitored_params(lay.sites)
-        self.flat_layout = FlatLayout(params, names)
-        self.layers = membership(lay, self.flat_layout)
-        used = (self.before.sources if self.before else set()) | self.after.sources
-        kinds = ["theta", "theta_next", *(k for k in ("g", "b", "d") if k in used)]
-        self.needs_displacement = "d" in used
-        if self.reducer == "sites":  # the live tensors are read in place (the displacement: Monitor._theta_before)
-            kinds = []
-        if "u" in used:
-            raise SymtoolsError("a law reads the applied update u: only laws that close are monitored")
-        self.sources = FlatSources(self.flat_layout, kinds)
-        self.scratch: dict = {}
-
-    def _selector(self, rows: list[int], n: int) -> Tensor:
-        out = torch.zeros((1, n), dtype=ACC)
-        for r in rows:
-            out[0, r] = 1.0
-        return out.to(self.device)
-
-    def terms(self, tm: TermMatrix, sources: dict[str, Tensor], live: dict | None = None) -> Tensor:
-        """(rows of ``tm``, columns): every term of every family. The flat reducer: one reduction of the
-        monomials over ``sources`` (flat vectors) and one product with the coefficients. The site reducer (the
-        CPU's): the generated densities over ``live`` (prefix → tensors by name, as :class:`ViewCache` reads)."""
-        if self.reducer == "sites":
-            return site_terms(tm, self.layout, ViewCache(live))
-        R = reduce_monomials(tm.monomials, sources, self.layers, self.sources.chunk, self.scratch)
-        view = self.scratch.get(("R view", id(R)))
-        if view is None:
-            view = self.scratch[("R view", id(R))] = R.view(-1, max(self.layout.columns, 1))
-        return torch.mm(tm.W, view).mul_(tm.mask)
 
 
 class Monitor:
@@ -190,7 +97,7 @@ class Monitor:
         self.worst_family: dict[str, dict[str, float | None]] = {}
         self.excluded_family: dict[str, int | None] = {}
         self.warnings: list[str] = []
-        self._plan: _Plan | None = None
+        self._plan: FusedPlan | None = None
         self._theta_before: list[Tensor] | None = None  # sites reducer: θ_n, for the step's displacement
         self._pending: list[tuple[int, Tensor]] = []
         self._pending_groups: list[tuple[int, Tensor]] = []
@@ -198,7 +105,7 @@ class Monitor:
     @property
     def law_sites(self) -> set[int]:
         """Indices of the sites whose law is followed (the others are measured only)."""
-        return {i for i, ok in getattr(self, "_law_ok", {}).items() if ok}
+        return self._assign.law_sites if getattr(self, "_assign", None) is not None else set()
 
     # ------------------------------------------------------------------ set-up
     def on_start(self, ctx) -> None:
@@ -212,7 +119,7 @@ class Monitor:
         for gs in self.symmetries.group_sets:
             if self.families and gs.family not in self.families:
                 continue
-            charge = law_module_charge(gs.family)
+            charge = charge_module(gs.family)
             if charge.CHARGE_DENSITY is None:
                 continue
             if kind is not None and gs.family not in laws:
@@ -220,17 +127,9 @@ class Monitor:
                 if laws[gs.family] is None:
                     self._warn(f"no law derived for {gs.family} under {kind}: measured-only for that family")
             self.sites.append(Site(len(self.sites), gs, gs.family))
-        self._plan = _Plan(self.sites, laws, self._params, self.reducer) if self.sites else None
-        self._site_groups = self._site_param_groups(ctx.optimizer)
-        self._law_ok = {s.index: self._plan is not None and self._plan.layout.families[s.family].law is not None
-                        for s in self.sites}
-        for s in self.sites:  # a site whose tensors sit in param groups of different laws or hyper-parameters
-            if self._law_ok[s.index] and self._site_signature(ctx.optimizer, s) is None:
-                self._warn(f"{s.gs.layer}: its tensors sit in param groups with different hyper-parameters; "
-                           f"measured-only there")
-                self._law_ok[s.index] = False
-        self._signatures = None
-        self._classes = None
+        self._plan = FusedPlan(self.sites, laws, self._params, self.reducer) if self.sites else None
+        self._assign = (LawAssignment(self.sites, self._plan, kind, ctx.optimizer, self._params, self._warn,
+                                      EXCLUDE_SINGLE_ELEMENT) if self._plan is not None else None)
         self._acc: Tensor | None = None
         self._cont: Tensor | None = None
         self._open_streams(ctx)
@@ -266,114 +165,16 @@ class Monitor:
         self.warnings.append(msg)
         warnings.warn(f"symtools monitor: {msg}", stacklevel=3)
 
-    # ------------------------------------------------------------------ param groups → law classes
-    def _site_param_groups(self, optimizer) -> dict[int, list[int]]:
-        where = {id(p): i for i, pg in enumerate(optimizer.param_groups) for p in pg["params"]}
-        return {s.index: sorted({where[id(self._params[p])] for p in s.gs.params() if id(self._params[p]) in where})
-                for s in self.sites}
-
-    def _group_signature(self, optimizer, i: int) -> tuple | None:
-        """(law, hyper-parameters, first step?) of param group ``i``; None where it follows no closed law."""
-        pg = optimizer.param_groups[i]
-        law = optimizer_laws.law_of_group(pg, type(optimizer).__name__)
-        if law is None or law != self.kind:
-            return None
-        hyper = optimizer_laws.hyper_of_group(pg, law)
-        state_key = _buffer_key(law)
-        first = state_key is not None and any(
-            state_key not in optimizer.state.get(p, {}) for p in pg["params"] if p.grad is not None)
-        return law, tuple(float(hyper.get(k, 0.0)) for k in ("lr", "weight_decay", "momentum", "dampening")), first
-
-    def _site_signature(self, optimizer, s: Site) -> tuple | None:
-        sigs = {self._group_signature(optimizer, i)[:2] if self._group_signature(optimizer, i) else None
-                for i in self._site_groups.get(s.index, [])}
-        if len(sigs) != 1 or None in sigs:
-            return None
-        return next(iter(sigs))
-
-    def _update_classes(self, ctx) -> None:
-        """Per column: which param group's law advances it (its class), and each class's law matrices. Checked
-        every step on the host (Python only); a site whose param groups stop agreeing goes measured-only. The
-        matrices are remade only when a param group's hyper-parameters or first-step state changed."""
-        opt = ctx.optimizer
-        sigs = tuple(self._group_signature(opt, i) for i in range(len(opt.param_groups)))
-        if sigs == self._signatures:
-            return
-        plan = self._plan
-        dropped = False
-        for s in self.sites:
-            if not self._law_ok[s.index]:
-                continue
-            mine = {sigs[i][:2] if sigs[i] else None for i in self._site_groups.get(s.index, [])}
-            if len(mine) != 1 or None in mine:
-                why = ("its tensors now sit in param groups with different hyper-parameters" if len(mine) > 1
-                       else f"its param group no longer follows {self.kind}")
-                self._warn(f"{s.family} at {s.gs.layer}: {why} at step {ctx.step}; measured-only there from this "
-                           f"step on")
-                self._law_ok[s.index] = False
-                dropped = True
-        self._signatures = sigs
-        if dropped or getattr(self, "_classes", None) is None:
-            self._layout_constants()
-        A, C = [], []
-        for pg in self._classes:
-            a, c = plan.bank.matrices(sigs[pg][1], sigs[pg][2])
-            A.append(a)
-            C.append(c)
-        if not A:
-            A = [np.zeros((plan.bank.n_state, plan.bank.n_state + plan.bank.n_measured))]
-            C = [np.zeros((plan.bank.n_cont, plan.bank.n_cont + plan.bank.n_cont_measured))]
-        A = np.stack(A)
-        # per class: the law on [state; measured], the law on [accumulated; measured], |law| on |inputs|
-        self._A = torch.from_numpy(np.stack([A, A, np.abs(A)], axis=1)).to(plan.device)  # (classes, 3, out, in)
-        self._C = torch.from_numpy(np.stack(C)).to(plan.device)                           # (classes, out, in)
-
-    def _layout_constants(self) -> None:
-        """The classes (one per param group a site with a law sits in) and the per-column constants that follow
-        from which sites have a law: remade at the start and when a site goes measured-only."""
-        plan = self._plan
-        cls = {s.index: self._site_groups[s.index][0] for s in self.sites if self._law_ok[s.index]}
-        self._classes = sorted(set(cls.values()))
-        position = {pg: c for c, pg in enumerate(self._classes)}
-        column_class = plan.layout.per_column({i: position[pg] for i, pg in cls.items()}, "cpu", torch.long)
-        law_ok = {s.index: float(self._law_ok[s.index]) for s in self.sites}
-        self._onehot = None  # one class: no mixing
-        if len(self._classes) > 1:
-            onehot = torch.nn.functional.one_hot(column_class, len(self._classes)).T.to(ACC)
-            onehot *= plan.layout.per_column(law_ok, "cpu")
-            self._onehot = onehot.unsqueeze(1).to(plan.device)                              # (classes, 1, K)
-        continuous = {s.index: law_ok[s.index] * float(plan.layout.families[s.family].law is not None
-                                                       and bool(plan.layout.families[s.family].law.CONTINUOUS_STATE))
-                      for s in self.sites}
-        dev = plan.device
-        self._constants(plan.layout.per_column(law_ok, dev), plan.layout.per_column(continuous, dev),
-                        torch.tensor([continuous[s.index] for s in plan.layout.sites], dtype=ACC, device=dev))
-
-    def _constants(self, law: Tensor, continuous: Tensor, site_continuous: Tensor) -> None:
-        """Per-column constants of the residual step (recomputed only with the classes)."""
-        plan = self._plan
-        self._law_nan = _nan_where_zero(law)
-        self._cont_nan = _nan_where_zero(continuous)
-        F = plan.factor
-        self._F3 = torch.stack([F * self._law_nan, F * self._law_nan, F.abs()])  # predicted, accumulated, size
-        self._Fc = F * self._cont_nan
-        self._cont_weight = continuous                                           # 1 on continuous columns
-        static_drop = continuous == 0
-        if EXCLUDE_SINGLE_ELEMENT:
-            static_drop |= plan.single > 0
-        self._static_drop = static_drop
-        self._site_nan = torch.where(site_continuous > 0, 0.0, math.nan)          # added to excluded counts
-        self._nan_row = torch.full_like(F, math.nan)
-
     # ------------------------------------------------------------------ per step
     def _before_sources(self, ctx) -> tuple[dict[str, Tensor], dict]:
         """(flat sources, live sources) of θ, g and the optimizer's buffer before the step."""
         src = self._plan.sources
-        key = _buffer_key(self.kind) if self.kind else None
+        key = buffer_key(self.kind) if self.kind else None
+        flat = src.flat if src is not None else {}
         state = ctx.optimizer.state
         grads = _OrZeros(self._params, lambda n: self._params[n].grad)
         buffers = _OrZeros(self._params, lambda n: state.get(self._params[n], {}).get(key) if key else None)
-        if "theta" in src.flat:  # θ_n: the flat reducer's source, and the displacement's start
+        if "theta" in flat:  # θ_n: the flat reducer's source, and the displacement's start
             src.fill("theta", self._params)
         if self._plan.reducer == "sites":
             if self._plan.needs_displacement:  # θ_n in the parameters' dtype: Δθ = θ_{n+1} − θ_n after the step
@@ -383,28 +184,33 @@ class Monitor:
                 with torch.no_grad():
                     torch._foreach_copy_(self._theta_before, [self._params[n] for n in names])
             return {}, {"": {n: p.detach() for n, p in self._params.items()}, "g_": grads, "b_": buffers}
-        if "g" in src.flat:
+        if "g" in flat:
             src.fill("g", {n: p.grad for n, p in self._params.items()})
-        if "b" in src.flat:
+        if "b" in flat:
             src.fill("b", {n: state.get(p, {}).get(key) if key else None for n, p in self._params.items()})
-        return {k: v for k, v in src.flat.items() if k in ("theta", "g", "b")}, {}
+        return {k: v for k, v in flat.items() if k in ("theta", "g", "b")}, {}
 
     def _after_sources(self, initial: bool = False) -> tuple[dict[str, Tensor], dict]:
         """(flat sources, live sources) of θ after the step and its displacement d (0 before any step)."""
         plan, src = self._plan, self._plan.sources
+        buffers = src.flat if src is not None else {}
         flat = {}
         live = {"": {n: p.detach() for n, p in self._params.items()}} if plan.reducer == "sites" else {}
-        if "theta_next" in src.flat:
+        if "theta_next" in buffers:
             src.fill("theta_next", self._params)
-            flat["theta"] = src.flat["theta_next"]
-        if "d" in src.flat:
-            d = src.flat["d"]
-            flat["d"] = d.zero_() if initial else torch.sub(src.flat["theta_next"], src.flat["theta"], out=d)
+            flat["theta"] = buffers["theta_next"]
+        if "d" in buffers:
+            d = buffers["d"]
+            flat["d"] = d.zero_() if initial else torch.sub(buffers["theta_next"], buffers["theta"], out=d)
         if plan.reducer == "sites" and plan.needs_displacement:
             names = plan.flat_layout.names
             with torch.no_grad():
-                moved = (torch._foreach_sub([self._params[n] for n in names], self._theta_before)
-                         if not initial else [torch.zeros_like(self._params[n]) for n in names])
+                if initial:
+                    moved = [torch.zeros_like(self._params[n]) for n in names]
+                else:  # d = θ_{n+1} − θ_n, in place in the copy of θ_n (no allocation per step)
+                    moved = self._theta_before
+                    torch._foreach_sub_(moved, [self._params[n] for n in names])
+                    torch._foreach_neg_(moved)
             live["d_"] = dict(zip(names, moved))
         return flat, live
 
@@ -418,9 +224,9 @@ class Monitor:
         plan = self._plan
         after = plan.terms(plan.after, *self._after_sources(initial=True))
         measured = (plan.charge_select @ after)[0]
-        self._update_classes(ctx)
+        self._assign.update(ctx.optimizer, ctx.step)
         nan = torch.full_like(measured, math.nan)
-        values = torch.stack([measured, nan, measured * self._law_nan, measured * self._cont_nan])
+        values = torch.stack([measured, nan, measured * self._assign.law_nan, measured * self._assign.cont_nan])
         row = torch.cat([self._site_sums(values), torch.full((4, len(self.sites)), math.nan, dtype=ACC,
                                                              device=plan.device)])
         self._push(0, row, values, groups=True)
@@ -430,7 +236,7 @@ class Monitor:
         if self._plan is None or self._plan.before is None:
             return
         plan = self._plan
-        self._update_classes(ctx)
+        self._assign.update(ctx.optimizer, ctx.step)
         X = plan.terms(plan.before, *self._before_sources(ctx))      # (state + measured rows, K)
         ns = plan.bank.n_state
         measured = X[ns:]
@@ -439,17 +245,10 @@ class Monitor:
             S = torch.tensor(plan.bank.start_matrix(), dtype=ACC, device=plan.device)
             self._cont = S @ X[:ns]
         inputs = torch.stack([X, torch.cat([self._acc, measured]), X.abs()])   # law, accumulated law, sizes
-        out = self._mix(torch.matmul(self._A, inputs))                          # (3, out, K)
-        self._acc = out[1]
-        self._pred = torch.matmul(plan.q_select, out).squeeze_(1).mul_(self._F3)  # Q: predicted, accumulated, size
+        out = self._assign.mix(torch.matmul(self._assign.A, inputs))                          # (3, out, K)
+        self._acc = out[1].clone()  # not a view: the (3, out, K) result is not kept alive
+        self._pred = torch.matmul(plan.q_select, out).squeeze_(1).mul_(self._assign.F3)  # Q: predicted, accumulated, size
         self._measured_before = measured
-
-    def _mix(self, per_class: Tensor) -> Tensor:
-        """Each column from its own class's result (a single class: the only one)."""
-        if self._onehot is None:
-            return per_class[0]
-        shape = (self._onehot.shape[0],) + (1,) * (per_class.dim() - 2) + (self._onehot.shape[-1],)
-        return per_class.mul_(self._onehot.view(shape)).sum(0)
 
     def after_step(self, ctx) -> None:
         step = ctx.step
@@ -465,20 +264,20 @@ class Monitor:
             if plan.bank.n_cont:
                 pool = torch.cat([self._measured_before, after])
                 xc = torch.cat([self._cont, pool.index_select(0, plan.cont_rows)])
-                self._cont = self._mix(torch.matmul(self._C, xc))
-                cont = torch.mm(plan.qc_select, self._cont).mul_(self._Fc)
+                self._cont = self._assign.mix(torch.matmul(self._assign.C, xc))
+                cont = torch.mm(plan.qc_select, self._cont).mul_(self._assign.Fc)
             else:
-                cont = self._nan_row.unsqueeze(0)
+                cont = self._assign.nan_row.unsqueeze(0)
             values = torch.cat([mq[:1], pred[:2], cont])
         else:
             scale = mq[1].clamp_min(1e-300)
-            values = torch.cat([mq[:1], self._nan_row.expand(3, -1)])
+            values = torch.cat([mq[:1], self._assign.nan_row.expand(3, -1)])
         self._pred = None
         residual = (values[1:] - values[:1]).abs_().div_(scale)           # (3, K)
         drop = self._dropped(scale)
         maxima = self._site_max(residual, drop)
         excluded = torch.zeros((1, len(self.sites)), dtype=ACC, device=plan.device)
-        excluded.index_add_(1, plan.site_id, drop.to(ACC).unsqueeze_(0)).add_(self._site_nan)
+        excluded.index_add_(1, plan.site_id, drop.to(ACC).unsqueeze_(0)).add_(self._assign.site_nan)
         row = torch.cat([self._site_sums(values), maxima, excluded])
         groups = step % self.stride == 0 or step == ctx.steps
         self._push(step, row, values, groups=groups)
@@ -494,8 +293,8 @@ class Monitor:
         continuous theory, one element, or a scale below the fraction of its family's largest."""
         plan = self._plan
         fam_max = torch.zeros(len(plan.layout.families), dtype=ACC, device=plan.device)
-        fam_max.scatter_reduce_(0, plan.family_id, scale * self._cont_weight, "amax")
-        return torch.lt(scale, fam_max[plan.family_id].mul_(CONTINUOUS_EXCLUDE_REL)).logical_or_(self._static_drop)
+        fam_max.scatter_reduce_(0, plan.family_id, scale * self._assign.cont_weight, "amax")
+        return torch.lt(scale, fam_max[plan.family_id].mul_(CONTINUOUS_EXCLUDE_REL)).logical_or_(self._assign.static_drop)
 
     def _site_sums(self, values: Tensor) -> Tensor:
         out = torch.zeros((values.shape[0], len(self.sites)), dtype=ACC, device=values.device)
@@ -518,19 +317,27 @@ class Monitor:
             self._pending_groups.append((step, values))
 
     def _flush(self) -> None:
+        """Hand the pending rows to the records: one device → host copy for all of them."""
         if not self._pending and not self._pending_groups:
             return
-        rows = torch.stack([r.T.reshape(-1) for _, r in self._pending]).cpu().numpy() if self._pending else None
-        if rows is not None:
-            steps = np.array([[float(s)] for s, _ in self._pending])
-            table = np.hstack([steps, rows])
+        rows = [r.T.reshape(-1) for _, r in self._pending]
+        groups = [v.reshape(-1) for _, v in self._pending_groups]
+        host = torch.cat(rows + groups).cpu().numpy() if rows or groups else np.zeros(0)
+        pos = 0
+        if rows:
+            width = rows[0].numel()
+            table = host[:width * len(rows)].reshape(len(rows), width)
+            pos = table.size
+            table = np.hstack([np.array([[float(s)] for s, _ in self._pending]), table])
             self._laws.append(table)
             self._track(table)
-        for step, values in self._pending_groups:
-            host = values.cpu()
+        K = self._plan.layout.columns
+        for step, _ in self._pending_groups:
+            values = host[pos:pos + 4 * K].reshape(4, K)
+            pos += 4 * K
             for fam, stream in self._groups.items():
                 cols = self._plan.layout.families[fam].cols
-                stream.append(torch.cat([torch.tensor([float(step)], dtype=ACC), host[:, cols].reshape(-1)]))
+                stream.append(np.concatenate([[float(step)], values[:, cols].reshape(-1)]))
         self._pending, self._pending_groups = [], []
 
     def _track(self, table: np.ndarray) -> None:
@@ -573,7 +380,7 @@ class Monitor:
         state = {"acc": self._acc.cpu() if self._acc is not None else None,
                  "cont": self._cont.cpu() if self._cont is not None else None}
         tmp = self._state_dir / f".state_{ctx.step:06d}.pt"
-        dropped = [s.index for s in self.sites if not self._law_ok.get(s.index)]
+        dropped = sorted(set(s.index for s in self.sites) - self.law_sites)
         torch.save({"version": STATE_VERSION, "step": ctx.step, "state": state, "worst": dict(self.worst),
                     "measured_only": dropped}, tmp)
         tmp.replace(self._state_dir / f"state_{ctx.step:06d}.pt")
@@ -590,8 +397,8 @@ class Monitor:
             raise SymtoolsError(f"cannot resume the monitor from {path}: it was written by another version of "
                                 f"symtools (state version {saved.get('version') if isinstance(saved, dict) else '?'}, "
                                 f"this one reads {STATE_VERSION})")
-        for index in saved.get("measured_only", []):
-            self._law_ok[int(index)] = False
+        if self._assign is not None:
+            self._assign.drop(saved.get("measured_only", []))
         dev = self._plan.device if self._plan else torch.device("cpu")
         st = saved["state"]
         self._acc = st["acc"].to(dev) if st.get("acc") is not None else None
@@ -647,12 +454,6 @@ class Monitor:
         }
 
 
-def law_module_charge(family: str):
-    from symtools.numeric.monitor_plan import charge_module
-
-    return charge_module(family)
-
-
 class _OrZeros:
     """Read-only mapping name → ``get(name)``, or zeros shaped like the parameter where that is None; the
     zeros are made only for a name that is read."""
@@ -666,19 +467,6 @@ class _OrZeros:
     def __getitem__(self, name: str) -> Tensor:
         value = self._get(name)
         return value if value is not None else torch.zeros_like(self._params[name])
-
-
-def _law_density(law, name: str) -> tuple:
-    return law.DENSITY[name], law.ARGS[name]
-
-
-def _buffer_key(law: str) -> str | None:
-    """torch's optimizer-state entry of the law's buffer b (None: the law keeps none)."""
-    return optimizer_laws.state_entries(law).get("b")
-
-
-def _nan_where_zero(x: Tensor) -> Tensor:
-    return torch.where(x > 0, torch.ones_like(x), torch.full_like(x, math.nan))
 
 
 def _rows(stream) -> int:

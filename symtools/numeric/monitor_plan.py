@@ -21,11 +21,19 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from symtools.errors import SymtoolsError
 from symtools.nn.groups import GroupSet
-from symtools.numeric.flat import ACC, FlatLayout, MembershipLayers, Monomial
-from symtools.numeric.groupops import elements_per_group
+from symtools.numeric.flat import ACC, FlatLayout, FlatSources, MembershipLayers, Monomial, reduce_monomials
+from symtools.numeric.groupops import ViewCache, elements_per_group
+from symtools.numeric.law_matrices import LawBank
+
+#: How per-group sums are reduced: "flat" (monomials over flat copies, one scatter-add per layer: a fixed
+#: handful of kernels, the device path) or "sites" (the generated densities site by site over the live tensors
+#: in cache-sized blocks: the CPU's faster path, where scatter-adds are scalar loops). Default per device type.
+REDUCERS = ("flat", "sites")
+DEFAULT_REDUCER = {"cpu": "sites"}
 
 
 @dataclass
@@ -191,3 +199,95 @@ def membership(layout: ColumnLayout, flat: FlatLayout) -> MembershipLayers:
 
 def monitored_params(sites: Sequence[Site]) -> list[str]:
     return list(dict.fromkeys(p for s in sites for p in s.gs.params()))
+
+
+class FusedPlan:
+    """The static part of the fused core for one (model, optimizer): layout, term matrices, law bank, buffers."""
+
+    def __init__(self, sites: list[Site], laws: dict, params: dict[str, Tensor], reducer: str | None = None):
+        self.layout = ColumnLayout(sites, laws, params)
+        some = next(iter(params.values()))
+        self.device = some.device
+        self.reducer = reducer or DEFAULT_REDUCER.get(self.device.type, "flat")
+        if self.reducer not in REDUCERS:
+            raise SymtoolsError(f"unknown reducer {self.reducer!r}; choose one of {', '.join(REDUCERS)}")
+        dev = self.device
+        fams = self.layout.families
+        self.bank = LawBank({f.name: f.law for f in fams.values() if f.law is not None})
+        # before the step: the law's state rows, then its measured rows (the bank's order)
+        rows = [(fam, n, fams[fam].law.MONOMIALS[n], False, _law_density(fams[fam].law, n))
+                for fam, n in self.bank.state_names() + self.bank.measured_names()]
+        self.before_rows = rows
+        self.before = term_matrix(self.layout, rows, dev) if rows else None
+        # after the step: per family the charge and Σ|q|; then what the continuous theories read after the step
+        after = []
+        for f in fams.values():
+            q = (f.charge.CHARGE_DENSITY, f.charge.ARGS["charge_density"])
+            after += [(f.name, "Q", f.charge.CHARGE_MONOMIALS, False, q), (f.name, "|Q|", f.charge.CHARGE_MONOMIALS, True, q)]
+        measured_before = set(self.bank.measured_names())
+        self.cont_after = [(fam, n) for fam, n in self.bank.cont_measured_names() if (fam, n) not in measured_before]
+        after += [(fam, n, fams[fam].law.MONOMIALS[n], False, _law_density(fams[fam].law, n))
+                  for fam, n in self.cont_after]
+        self.after_rows = after
+        self.after = term_matrix(self.layout, after, dev)
+        # where each continuous measured term comes from: a before-measured row or an after-measured row
+        pool = self.bank.measured_names() + [(f, n) for f, n in [(r[0], r[1]) for r in after]]
+        offset = len(self.bank.measured_names())
+        self.cont_rows = torch.tensor([self.bank.measured_names().index(k) if k in measured_before
+                                       else offset + [(r[0], r[1]) for r in after].index(k)
+                                       for k in self.bank.cont_measured_names()], dtype=torch.long, device=dev)
+        del pool
+        nf = len(fams)
+        sel = torch.zeros((2, len(after)), dtype=ACC)
+        for i in range(nf):
+            sel[0, 2 * i], sel[1, 2 * i + 1] = 1.0, 1.0
+        self.charge_select = sel.to(dev)
+        self.q_select = self._selector(self.bank.q_rows(), self.bank.n_state)
+        self.qc_select = self._selector([r for r in self.bank.qc_rows() if r is not None], self.bank.n_cont)
+        # per-column constants
+        lay = self.layout
+        self.family_id = lay.family_ids(dev)
+        self.site_id = lay.site_ids(dev)
+        factor = {s.index: (fams[s.family].law.CHARGE_FACTOR if fams[s.family].law is not None else 1.0)
+                  for s in lay.sites}
+        if any(v is None for v in factor.values()):
+            raise SymtoolsError("a law's Q is not a constant multiple of its family's charge (CHARGE_FACTOR)")
+        self.factor = lay.per_column(factor, dev)
+        self.single = lay.per_column({s.index: float(s.single_element) for s in lay.sites}, dev)
+        # flat buffers
+        names = monitored_params(lay.sites)
+        self.flat_layout = FlatLayout(params, names)
+        used = (self.before.sources if self.before else set()) | self.after.sources
+        kinds = ["theta", "theta_next", *(k for k in ("g", "b", "d") if k in used)]
+        self.needs_displacement = "d" in used
+        self.layers = None
+        if self.reducer == "sites":  # the live tensors are read in place (the displacement: Monitor._theta_before)
+            kinds = []
+        else:
+            self.layers = membership(lay, self.flat_layout)
+        if "u" in used:
+            raise SymtoolsError("a law reads the applied update u: only laws that close are monitored")
+        self.sources = FlatSources(self.flat_layout, kinds) if kinds else None
+        self.scratch: dict = {}
+
+    def _selector(self, rows: list[int], n: int) -> Tensor:
+        out = torch.zeros((1, n), dtype=ACC)
+        for r in rows:
+            out[0, r] = 1.0
+        return out.to(self.device)
+
+    def terms(self, tm: TermMatrix, sources: dict[str, Tensor], live: dict | None = None) -> Tensor:
+        """(rows of ``tm``, columns): every term of every family. The flat reducer: one reduction of the
+        monomials over ``sources`` (flat vectors) and one product with the coefficients. The site reducer (the
+        CPU's): the generated densities over ``live`` (prefix → tensors by name, as :class:`ViewCache` reads)."""
+        if self.reducer == "sites":
+            return site_terms(tm, self.layout, ViewCache(live))
+        R = reduce_monomials(tm.monomials, sources, self.layers, self.sources.chunk, self.scratch)
+        view = self.scratch.get(("R view", id(R)))
+        if view is None:
+            view = self.scratch[("R view", id(R))] = R.view(-1, max(self.layout.columns, 1))
+        return torch.mm(tm.W, view).mul_(tm.mask)
+
+
+def _law_density(law, name: str) -> tuple:
+    return law.DENSITY[name], law.ARGS[name]
