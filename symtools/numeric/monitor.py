@@ -138,6 +138,8 @@ class Monitor:
             self._restore(ctx, ctx.start_step)
         elif not _rows(self._laws):  # a run resumed from its step-0 checkpoint has the row already
             self._record_initial(ctx)
+        if self._assign is not None:  # the per-column constants exist from the start (also when resumed)
+            self._assign.update(ctx.optimizer, ctx.start_step)
 
     def _open_streams(self, ctx) -> None:
         sites = [(s.family, s.index, s.gs.layer, s.gs.count) for s in self.sites]
