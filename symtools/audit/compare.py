@@ -47,6 +47,7 @@ import sympy as sp
 import torch
 from torch import Tensor
 
+from symtools.codegen.emit_facts import linear_in
 from symtools.errors import SymtoolsError
 from symtools.nn.groups import GroupSet
 from symtools.numeric import groupops
@@ -327,25 +328,13 @@ def _not_linear(law: ModuleType) -> str:
 # what the declarations say about an optimizer's state
 
 
-def _linear_homogeneous(expr: sp.Expr, variables: set[sp.Symbol], constants: set[sp.Symbol]) -> bool:
-    """Whether ``expr`` reads only ``variables`` and ``constants`` and is linear without a constant term in
-    ``variables``."""
-    expr = sp.expand(sp.sympify(expr))
-    if not expr.free_symbols <= variables | constants:
-        return False
-    if sp.simplify(expr.subs({v: 0 for v in variables})) != 0:
-        return False
-    vs = sorted(variables & expr.free_symbols, key=str)
-    return all(sp.simplify(sp.diff(expr, a, b)) == 0 for i, a in enumerate(vs) for b in vs[i:])
-
-
 def _states_linear_in(optimizer: str, with_theta: bool) -> dict[str, str]:
     decl = declaration(optimizer)
     out = {}
     for kind, entry in decl.state.items():
         variables = {GRAD, STATE_SYMBOLS[kind][0]} | ({THETA} if with_theta else set())
         rules = [r.state[kind] for r in (decl.first, decl.rule) if kind in r.state]
-        if rules and all(_linear_homogeneous(e, variables, set(decl.hyper)) for e in rules):
+        if rules and all(linear_in(sp.expand(e), variables, decl.hyper) for e in rules):
             out[kind] = entry
     return out
 

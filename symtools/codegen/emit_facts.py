@@ -86,23 +86,28 @@ def nonnegative(density: Mapping[str, sp.Expr]) -> bool:
     return bool(density) and all(sp.sympify(e).is_nonnegative is True for e in density.values())
 
 
+def linear_in(expr: sp.Expr, variables: Iterable[sp.Symbol], allowed: Iterable[sp.Symbol] | None = None) -> bool:
+    """Whether ``expr`` is linear in ``variables``: no constant term, every second derivative 0. With ``allowed``,
+    it may read nothing but ``variables`` and ``allowed`` (e.g. the hyper-parameters)."""
+    expr = sp.sympify(expr)
+    variables = list(variables)
+    if allowed is not None and not expr.free_symbols <= set(variables) | set(allowed):
+        return False
+    if sp.simplify(expr.subs({v: 0 for v in variables})) != 0:
+        return False
+    vs = [v for v in variables if v in expr.free_symbols]
+    return all(sp.simplify(sp.diff(expr, a, b)) == 0 for i, a in enumerate(vs) for b in vs[i:])
+
+
 def linear(updates: Iterable[Mapping[str, sp.Expr]], variables: Iterable[sp.Symbol],
            auxiliary: Iterable[tuple[sp.Symbol, sp.Expr]] = ()) -> bool:
-    """Whether each update expression is linear (no constant term, all second derivatives 0) in ``variables``,
-    with every auxiliary assignment a function of the hyper-parameters alone."""
+    """Whether each update expression is :func:`linear_in` ``variables``, with every auxiliary assignment a
+    function of the hyper-parameters alone."""
     variables = list(variables)
     names = {v.name for v in variables}
     if any(names & {s.name for s in sp.sympify(e).free_symbols} for _, e in auxiliary):
         return False
-    for update in updates:
-        for e in update.values():
-            e = sp.sympify(e)
-            vs = [v for v in variables if v in e.free_symbols]
-            if sp.simplify(e.subs({v: 0 for v in variables})) != 0:
-                return False
-            if any(sp.simplify(sp.diff(e, a, b)) != 0 for i, a in enumerate(vs) for b in vs[i:]):
-                return False
-    return True
+    return all(linear_in(e, variables) for update in updates for e in update.values())
 
 
 def generator_constant(generator: Mapping[str, sp.Expr], slots: Iterable[str]) -> bool:

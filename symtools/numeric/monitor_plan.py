@@ -231,12 +231,10 @@ class FusedPlan:
         self.after_rows = after
         self.after = term_matrix(self.layout, after, dev)
         # where each continuous measured term comes from: a before-measured row or an after-measured row
-        pool = self.bank.measured_names() + [(f, n) for f, n in [(r[0], r[1]) for r in after]]
-        offset = len(self.bank.measured_names())
-        self.cont_rows = torch.tensor([self.bank.measured_names().index(k) if k in measured_before
-                                       else offset + [(r[0], r[1]) for r in after].index(k)
-                                       for k in self.bank.cont_measured_names()], dtype=torch.long, device=dev)
-        del pool
+        # (the rows of cat([measured before the step, measured after]), in the bank's order)
+        pool = self.bank.measured_names() + [(r[0], r[1]) for r in after]
+        self.cont_rows = torch.tensor([pool.index(k) for k in self.bank.cont_measured_names()], dtype=torch.long,
+                                      device=dev)
         nf = len(fams)
         sel = torch.zeros((2, len(after)), dtype=ACC)
         for i in range(nf):
