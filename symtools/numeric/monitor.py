@@ -315,6 +315,7 @@ class Monitor:
     def _push(self, step: int, row: Tensor, values: Tensor, groups: bool) -> None:
         """Keep the step's row (and per-group values) on the device until the next flush."""
         self._pending.append((step, row))
+        self._last = (step, row)
         if groups:
             self._pending_groups.append((step, values))
 
@@ -371,6 +372,13 @@ class Monitor:
             row += [f.gradient["max_rel_residual"], f.hessian["rel_residual"], float(f.passed)] if f else [math.nan] * 3
         self._checks.append(row)
 
+    def rebase(self) -> None:
+        """The weights were moved between steps by something other than the optimizer (a symmetry teleport):
+        the accumulated law and the continuous theory restart from the charges measured before the next step
+        (as at step 0). The per-step law needs nothing: it starts from measured values at every step."""
+        self._acc = None
+        self._cont = None
+
     # ------------------------------------------------------------------ persistence
     def on_checkpoint(self, ctx) -> None:
         self._flush()
@@ -426,6 +434,22 @@ class Monitor:
         self.worst_family = {f: dict(v) for f, v in fam.items()}
         self.worst = dict(overall)
         self.excluded_family = {f: n for f, n in excluded.items() if n is not None}
+
+    def latest(self) -> dict | None:
+        """The last recorded step's figures, for a trainer's logger (one small device → host copy; None before
+        any row): ``{"step": n, "law_residual": worst per-group residual of the per-step law over all sites
+        (None where nothing is predicted: measured-only), "charges": {family: Σ of its measured charges}}``."""
+        last = getattr(self, "_last", None)
+        if last is None or self._plan is None:
+            return None
+        step, row = last
+        host = row.detach().cpu().numpy()              # (8, sites): sums of the 4 quantities, 3 maxima, excluded
+        residual = host[4][~np.isnan(host[4])]
+        charges: dict[str, float] = {}
+        for j, s in enumerate(self.sites):
+            charges[s.family] = charges.get(s.family, 0.0) + float(host[0, j])
+        return {"step": int(step), "law_residual": float(residual.max()) if residual.size else None,
+                "charges": charges}
 
     def status(self) -> dict:
         out = {"law residual": self.worst["step"]}
