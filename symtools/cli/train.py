@@ -18,6 +18,12 @@ def _choices() -> tuple[str, ...]:
     return CHOICES
 
 
+def _objectives() -> tuple[str, ...]:
+    from symtools.numeric.teleport import OBJECTIVES
+
+    return tuple(OBJECTIVES)
+
+
 def add_arguments(p) -> None:
     p.add_argument("--model", default="vgg16_bn", help="model name (vgg11 … vgg19_bn; default vgg16_bn)")
     p.add_argument("--data", default="digits", help="'digits' (bundled UCI digits) or a Tiny-ImageNet-style folder")
@@ -44,6 +50,16 @@ def add_arguments(p) -> None:
                    help="reuse a non-empty --out: a run in it is replaced (its checkpoints and records), other "
                         "files are left alone")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    t = p.add_argument_group("teleportation (docs/commands/teleport.md)")
+    t.add_argument("--teleport-every", type=int, default=0, metavar="N",
+                   help="teleport the weights along the symmetry orbits every N steps (0: never)")
+    t.add_argument("--teleport-objective", default="grad_norm", choices=_objectives(),
+                   help="grad_norm (steeper descent, default), curvature_min or curvature_max")
+    t.add_argument("--teleport-steps", type=int, default=5, help="ascent steps per teleport (default 5)")
+    t.add_argument("--teleport-lr", type=float, default=0.05,
+                   help="ascent step on the Lie algebra; each |t| ≤ steps·lr (default 0.05)")
+    t.add_argument("--teleport-families", default="rescale",
+                   help="comma-separated families to teleport along (default rescale)")
 
 
 def make_optimizer(name: str | None, params, lr: float, wd: float, momentum: float, dampening: float,
@@ -90,6 +106,8 @@ def run(args) -> int:
         raise SymtoolsError(f"--steps must be at least 1, got {args.steps}")
     if args.resume and args.force:
         raise SymtoolsError("--resume continues the run in --out, --force replaces it: give one of them")
+    if args.teleport_every < 0 or args.teleport_steps < 0 or not args.teleport_lr > 0:
+        raise SymtoolsError("--teleport-every and --teleport-steps must be ≥ 0 and --teleport-lr > 0")
     check_out_dir(args.out, force=args.force or args.resume, also=" (or --resume the run in it)")
     device = parse_device(args.device)
     batches = make_loader(args.data, args.batch, image_size=args.input, seed=args.seed)
@@ -101,13 +119,22 @@ def run(args) -> int:
     x0, _ = batches.batch(0)
     symmetries = find_symmetries(model, x0[:1].to(device))
     monitor = Monitor(symmetries, stride=args.stride, check_every=args.check_every, seed=args.seed)
+    callbacks = [monitor]
+    if args.teleport_every:
+        from symtools.training_teleport import TeleportCallback
+
+        callbacks.append(TeleportCallback(symmetries, args.teleport_every, objective=args.teleport_objective,
+                                          families=[f.strip() for f in args.teleport_families.split(",") if f.strip()],
+                                          steps=args.teleport_steps, lr=args.teleport_lr, monitor=monitor,
+                                          seed=args.seed))
     law = law_of_optimizer(optimizer)[0]
     config = {"model": args.model, "data": args.data, "input": args.input, "classes": batches.classes,
               "batch": args.batch, "optimizer": law or args.optimizer, "lr": args.lr, "wd": args.wd,
               "momentum": args.momentum, "dampening": args.dampening, "nesterov": args.nesterov,
-              "seed": args.seed, "steps": args.steps, "stride": args.stride, "check_every": args.check_every}
+              "seed": args.seed, "steps": args.steps, "stride": args.stride, "check_every": args.check_every,
+              "teleport_every": args.teleport_every}
     summary = train(model, optimizer, batches, args.steps, device=device, out_dir=args.out,
-                    checkpoint_every=args.checkpoint_every, callbacks=[monitor], progress=not args.quiet,
+                    checkpoint_every=args.checkpoint_every, callbacks=callbacks, progress=not args.quiet,
                     resume=args.resume, overwrite=args.force, config=config)
     print(json.dumps({k: summary.get(k) for k in ("steps", "max_rel_residual_discrete",
                                                    "max_rel_residual_continuous", "final_loss")}, default=str),
