@@ -21,6 +21,8 @@ COMMANDS: dict[str, str] = {
     "train": "symtools.cli.train",
     "plot": "symtools.cli.plot",
     "audit": "symtools.cli.audit",
+    "laws": "symtools.cli.laws",
+    "teleport": "symtools.cli.teleport",
 }
 
 # One-line descriptions, kept here so that --help does not import torch.
@@ -32,6 +34,8 @@ SUMMARIES: dict[str, str] = {
     "train": "train a model with the conservation-law monitor (records, checkpoints, summary)",
     "plot": "plot a monitored run: per-layer and per-group charges vs laws and theory, momentum, residuals",
     "audit": "audit a checkpoint: charges per symmetry group, identities, comparison with init and the laws",
+    "laws": "count every conservation law of gradient flow at θ (Lie-algebra rank) and compare with the library's charges",
+    "teleport": "teleport a checkpoint along its symmetry orbits (steeper descent or a target curvature), checked",
 }
 
 
