@@ -1,6 +1,6 @@
 """Teleport during training: a callback of :func:`symtools.training.train` (``symtools train --teleport-every N``).
 
-Every ``every`` steps, after the optimizer step (and after the monitor has recorded it), the weights are
+After every ``every``-th step (the last one too), after the monitor has recorded it, the weights are
 teleported along the orbits of the chosen families (:func:`symtools.numeric.teleport.teleport`) on the first
 half of the step's batch, with the function checked on the other half (eval mode), and the optimizer state is
 carried along. Each teleport is one row of the record stream ``teleports`` (docs/records.md). The monitor is
@@ -46,8 +46,8 @@ class TeleportCallback:
                                           f"{self.lr}); the step it followed")
 
     def after_step(self, ctx) -> None:
-        if ctx.step % self.every or ctx.step >= ctx.steps:
-            return
+        if ctx.step % self.every:  # also after the last step: a run resumed to more steps must see the same
+            return                 # weights as an uninterrupted one (the checkpoint of step n follows this hook)
         x, y = ctx.batch
         half = max(1, x.shape[0] // 2)
         start = time.perf_counter()

@@ -12,6 +12,7 @@ import importlib
 import json
 import math
 
+import numpy as np
 import pytest
 import sympy as sp
 import torch
@@ -233,9 +234,8 @@ def test_invertibility_is_decided_symbolically():
     assert not invertible(torch.nn.ReLU())[0]
 
 
-def test_training_with_teleports_keeps_the_per_step_law_exact(tmp_path):
+def _teleported_run(out, steps=6, resume=False, checkpoint_every=None):
     from symtools.numeric.monitor import Monitor
-    from symtools.numeric.records import read_stream
     from symtools.training_teleport import TeleportCallback
 
     torch.manual_seed(0)
@@ -247,12 +247,37 @@ def test_training_with_teleports_keeps_the_per_step_law_exact(tmp_path):
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     mon = Monitor(syms, stride=2)
     tele = TeleportCallback(syms, 2, steps=3, lr=0.1, monitor=mon)
-    summary = train(model, opt, batches, 6, out_dir=tmp_path / "r", callbacks=[mon, tele], progress=False)
-    assert summary["teleports"]["count"] == 2  # after steps 2 and 4 (not after the last)
+    summary = train(model, opt, batches, steps, out_dir=out, callbacks=[mon, tele], progress=False, resume=resume,
+                    checkpoint_every=checkpoint_every)
+    return model, summary
+
+
+def test_training_with_teleports_keeps_the_per_step_law_exact(tmp_path):
+    from symtools.numeric.records import read_stream
+
+    _, summary = _teleported_run(tmp_path / "r")
+    assert summary["teleports"]["count"] == 3  # after steps 2, 4 and 6
     assert summary["max_rel_residual_discrete"] < 1e-12
     cols, rows = read_stream(tmp_path / "r" / "records", "teleports")
-    assert list(rows[:, 0]) == [2, 4] and (rows[:, cols.index("objective_after")]
+    assert list(rows[:, 0]) == [2, 4, 6] and (rows[:, cols.index("objective_after")]
                                             >= rows[:, cols.index("objective_before")]).all()
+
+
+def test_a_run_resumed_right_after_a_teleport_ends_where_an_uninterrupted_one_does(tmp_path):
+    """Checkpoint at step 4, right after the teleport that follows step 4 (the monitor's predictions were
+    rebased): the resumed run's weights and law records equal the uninterrupted run's."""
+    from symtools.numeric.records import read_stream
+
+    whole, _ = _teleported_run(tmp_path / "whole")
+    _teleported_run(tmp_path / "cut", steps=4, checkpoint_every=4)
+    resumed, summary = _teleported_run(tmp_path / "cut", resume=True, checkpoint_every=4)
+    for (n, p), q in zip(whole.named_parameters(), resumed.parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=0, msg=n)
+    cols_w, rows_w = read_stream(tmp_path / "whole" / "records", "laws")
+    cols_c, rows_c = read_stream(tmp_path / "cut" / "records", "laws")
+    assert cols_w == cols_c
+    np.testing.assert_array_equal(rows_w[:, 1:], rows_c[:, 1:])  # column 0 is the step
+    assert summary["max_rel_residual_discrete"] < 1e-12
 
 
 def test_cli_teleports_a_checkpoint_and_writes_one_audit_can_read(tmp_path, capsys):
