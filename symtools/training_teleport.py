@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from symtools.checkpoints import unwrap_model
 from symtools.errors import SymtoolsError
 from symtools.nn.groups import SymmetryMap
-from symtools.numeric.teleport import OBJECTIVES, teleport
+from symtools.numeric.teleport import check_objective, teleport
 
 COLUMNS = ("step", "objective_before", "objective_after", "chosen_step", "loss_change_rel", "function_change_rel",
            "grad_norm_before", "grad_norm_after", "charge_residual_max", "coordinate_max", "seconds")
@@ -32,8 +32,7 @@ class TeleportCallback:
                  objective: str = "grad_norm", steps: int = 5, lr: float = 0.05, monitor=None, seed: int = 0):
         if every < 1:
             raise SymtoolsError(f"--teleport-every must be at least 1, got {every}")
-        if objective not in OBJECTIVES:
-            raise SymtoolsError(f"unknown teleport objective {objective!r}; choose from {', '.join(OBJECTIVES)}")
+        check_objective(objective)
         self.symmetries, self.every, self.families = symmetries, every, tuple(families)
         self.objective, self.steps, self.lr, self.monitor, self.seed = objective, steps, lr, monitor, seed
         self.count = 0

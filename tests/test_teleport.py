@@ -209,6 +209,12 @@ def test_curvature_objective_moves_the_curvature_the_asked_way():
     hi = teleport(_mlp(), (x, y), objective="curvature_max", steps=5, lr=0.1)
     assert -lo.objective_after < -lo.objective_before and hi.objective_after > hi.objective_before
     assert lo.loss_change_rel < 1e-12 and hi.loss_change_rel < 1e-12
+    kappa0 = hi.objective_before
+    target = teleport(_mlp(), (x, y), objective=f"curvature={2 * kappa0}", steps=10, lr=0.1)
+    # −(κ − K)² rose: κ moved towards K = 2κ₀ from κ₀
+    assert target.objective_after > target.objective_before == pytest.approx(-kappa0 ** 2, rel=1e-9)
+    with pytest.raises(SymtoolsError, match="unknown teleport objective"):
+        teleport(_mlp(), (x, y), objective="curvature=soon", steps=1)
 
 
 def test_two_layer_data_dependent_action_keeps_the_batch_loss_only():

@@ -18,12 +18,6 @@ def _choices() -> tuple[str, ...]:
     return CHOICES
 
 
-def _objectives() -> tuple[str, ...]:
-    from symtools.numeric.teleport import OBJECTIVES
-
-    return tuple(OBJECTIVES)
-
-
 def add_arguments(p) -> None:
     p.add_argument("--model", default="vgg16_bn", help="model name (vgg11 … vgg19_bn; default vgg16_bn)")
     p.add_argument("--data", default="digits", help="'digits' (bundled UCI digits) or a Tiny-ImageNet-style folder")
@@ -53,8 +47,9 @@ def add_arguments(p) -> None:
     t = p.add_argument_group("teleportation (docs/commands/teleport.md)")
     t.add_argument("--teleport-every", type=int, default=0, metavar="N",
                    help="teleport the weights along the symmetry orbits every N steps (0: never)")
-    t.add_argument("--teleport-objective", default="grad_norm", choices=_objectives(),
-                   help="grad_norm (steeper descent, default), curvature_min or curvature_max")
+    t.add_argument("--teleport-objective", default="grad_norm",
+                   help="grad_norm (steeper descent, default), curvature_min, curvature_max or curvature=K (a "
+                        "target curvature along the gradient)")
     t.add_argument("--teleport-steps", type=int, default=5, help="ascent steps per teleport (default 5)")
     t.add_argument("--teleport-lr", type=float, default=0.05,
                    help="ascent step on the Lie algebra; each |t| ≤ steps·lr (default 0.05)")
@@ -108,6 +103,10 @@ def run(args) -> int:
         raise SymtoolsError("--resume continues the run in --out, --force replaces it: give one of them")
     if args.teleport_every < 0 or args.teleport_steps < 0 or not args.teleport_lr > 0:
         raise SymtoolsError("--teleport-every and --teleport-steps must be ≥ 0 and --teleport-lr > 0")
+    if args.teleport_every:
+        from symtools.numeric.teleport import check_objective
+
+        check_objective(args.teleport_objective)
     check_out_dir(args.out, force=args.force or args.resume, also=" (or --resume the run in it)")
     device = parse_device(args.device)
     batches = make_loader(args.data, args.batch, image_size=args.input, seed=args.seed)

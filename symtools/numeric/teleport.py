@@ -49,7 +49,23 @@ OBJECTIVES = {
     "grad_norm": "maximise ‖∇L‖² on the teleport batch (steeper descent, Prop. 5.1)",
     "curvature_min": "minimise κ = gᵀHg/gᵀg, the curvature along the gradient (one HVP per step)",
     "curvature_max": "maximise κ = gᵀHg/gᵀg",
+    "curvature=K": "bring κ to the target K (maximise −(κ − K)²)",
 }
+
+
+def check_objective(objective: str) -> str:
+    """``objective`` if it names an objective (:data:`OBJECTIVES`, ``curvature=K`` with a number K), else a
+    SymtoolsError that lists them."""
+    if objective in OBJECTIVES and objective != "curvature=K":
+        return objective
+    if objective.startswith("curvature="):
+        try:
+            if math.isfinite(float(objective.partition("=")[2])):
+                return objective
+        except ValueError:
+            pass
+    raise SymtoolsError(f"unknown teleport objective {objective!r}; choose grad_norm, curvature_min, curvature_max "
+                        f"or curvature=K (a target value K of the curvature along the gradient, e.g. curvature=2.5)")
 
 #: The loss may change by this many units of round-off of the model's dtype, relative to |L| (see
 #: :func:`loss_bound`; measured figures in docs/commands/teleport.md).
@@ -244,6 +260,8 @@ def objective_value(name: str, model, params, buffers, batch, loss_fn, seed: int
                              create_graph=create_graph, allow_unused=True)
     ghg = sum((g.to(ACC) * h.to(ACC)).sum() for g, h in zip(grads, hg) if h is not None)
     kappa = ghg / gg.clamp_min(1e-300)
+    if name.startswith("curvature="):
+        return -(kappa - float(name.partition("=")[2])) ** 2, loss, gg
     return (-kappa if name == "curvature_min" else kappa), loss, gg
 
 
@@ -320,8 +338,7 @@ def teleport(model: torch.nn.Module, batch: tuple[Tensor, Tensor], *, symmetries
     """
     import time
 
-    if objective not in OBJECTIVES:
-        raise SymtoolsError(f"unknown teleport objective {objective!r}; choose from {', '.join(OBJECTIVES)}")
+    check_objective(objective)
     if steps < 0 or not lr > 0:
         raise SymtoolsError(f"teleport needs steps ≥ 0 and lr > 0 (got steps={steps}, lr={lr})")
     start = time.perf_counter()
