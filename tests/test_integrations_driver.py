@@ -58,7 +58,7 @@ def _loop(model, opt, x, y, driver, steps, *, clip=0.05, closure_every=2, skip=(
 def _groups(model):
     """Two param groups: the hidden layers with weight decay, the output layer without. The translation sites lie
     in the no-decay group alone and fc0 → fc1 in the other: each follows its own group's law; fc1 → out spans
-    both (a different λ per tensor breaks the one-λ law) and is measured-only, with a warning."""
+    both, and is followed as two parts, each with its own group's λ (said in a warning)."""
     decay = [p for n, p in model.named_parameters() if not n.startswith("out.")]
     no_decay = [p for n, p in model.named_parameters() if n.startswith("out.")]
     return [{"params": decay, "weight_decay": 1e-2}, {"params": no_decay, "weight_decay": 0.0}]
@@ -81,8 +81,10 @@ def test_law_closes_through_the_hooks_with_closures_clipping_accumulation_and_a_
     assert worst.max() <= TOL64, worst
     assert read_stream(tmp_path / "records", "optimizer_steps")[1][:, 1].tolist() == [1, 1, 1, 0, 1, 1, 1, 1]
     assert summary["optimizer_law"] == "momentum" and summary["steps"] == 8
-    assert driver.monitor.law_sites == {0, 2, 3}
-    assert [w for w in summary["monitor_warnings"] if "fc1 → out" in w and "different hyper-parameters" in w]
+    mon = driver.monitor
+    assert mon.law_sites == set(range(len(mon.sites)))      # every site, the parts of fc1 → out too
+    assert sorted(s.gs.layer for s in mon.sites if s.part) == ["fc1 → out [param group 0]", "fc1 → out [param group 1]"]
+    assert [w for w in summary["monitor_warnings"] if "fc1 → out" in w and "followed as 2 parts" in w]
     latest = driver.monitor.latest()                         # the monitor's API for a trainer's logger
     assert latest["step"] == 8 and latest["law_residual"] <= TOL64 and set(latest["charges"]) >= {"rescale"}
 

@@ -345,3 +345,45 @@ def test_param_group_change_mid_run_goes_measured_only_there(tmp_path):
     assert np.isfinite(laws[1:3, j]).all() and np.isnan(laws[3:, j]).all()
     assert np.isfinite(laws[:, cols.index(f"rescale|{site.index}|norm0 → conv1|measured")]).all()
     assert len(mon.law_sites) == len(mon.sites) - 1 and site.index not in mon.law_sites
+
+
+def _decay_groups(params):
+    """HF-style grouping: biases and BatchNorm parameters without weight decay, the rest with it."""
+    named = list(_model().named_parameters())
+    params = list(params)
+    no_decay = [p for (n, _), p in zip(named, params) if n.endswith(".bias") or n.startswith("norm")]
+    decay = [p for (n, _), p in zip(named, params) if not (n.endswith(".bias") or n.startswith("norm"))]
+    return torch.optim.SGD([{"params": decay, "weight_decay": 5e-3}, {"params": no_decay, "weight_decay": 0.0}],
+                           lr=0.05, momentum=0.9)
+
+
+def test_groups_straddling_weight_decay_groups_are_followed_as_parts(tmp_path):
+    """A rescale unit's weight row decays, its bias does not: the group is followed as one part per param group,
+    each with its own λ (the update is elementwise, so the law holds on any subset of the elements); every site
+    keeps a law and the per-step residual stays at float64 round-off."""
+    with pytest.warns(UserWarning, match="followed as 2 parts"):
+        _, summary, mon = _run(tmp_path, _decay_groups)
+    parts = [s for s in mon.sites if s.part]
+    assert parts and mon.law_sites == set(range(len(mon.sites)))
+    assert summary["max_rel_residual_discrete"] < 1e-12
+    assert all(s.gs.layer.endswith(("[param group 0]", "[param group 1]")) for s in parts)
+    cols, laws = read_stream(tmp_path / "run" / "records", "laws")
+    j = [cols.index(f"{s.family}|{s.index}|{s.gs.layer}|residual_continuous") for s in parts]
+    assert np.isnan(laws[1:, j]).all()  # no continuous theory on a part (it needs the whole group's ⟨g, v⟩ = 0)
+
+
+def test_negative_control_parts_advanced_with_one_lambda_miss(tmp_path, monkeypatch):
+    """The parts' law read with the decay group's λ for every part: the no-decay parts miss by far more than
+    round-off (so the per-part λ is what closes the law above)."""
+    from symtools.numeric import optimizer_laws
+
+    real = optimizer_laws.hyper_of_group
+
+    def one_lambda(pg, name):
+        out = real(pg, name)
+        out["weight_decay"] = 5e-3
+        return out
+
+    monkeypatch.setattr(optimizer_laws, "hyper_of_group", one_lambda)
+    _, summary, mon = _run(tmp_path, _decay_groups)
+    assert summary["max_rel_residual_discrete"] > 1e-6

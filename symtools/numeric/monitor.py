@@ -45,7 +45,11 @@ from symtools.nn.groups import SymmetryMap
 from symtools.numeric import optimizer_laws
 from symtools.numeric import record_schema as schema
 from symtools.numeric.flat import ACC
-from symtools.numeric.monitor_laws import LawAssignment, buffer_key
+from symtools.numeric.monitor_laws import (
+    LawAssignment,
+    buffer_key,
+    split_by_param_group,
+)
 from symtools.numeric.monitor_plan import FusedPlan, Site, charge_module, law_module
 
 QUANTITIES = schema.LAW_QUANTITIES
@@ -126,7 +130,13 @@ class Monitor:
                 laws[gs.family] = law_module(gs.family, kind)
                 if laws[gs.family] is None:
                     self._warn(f"no law derived for {gs.family} under {kind}: measured-only for that family")
-            self.sites.append(Site(len(self.sites), gs, gs.family))
+            parts = split_by_param_group(gs, ctx.optimizer, self._params, kind) if kind is not None else [gs]
+            if len(parts) > 1:
+                self._warn(f"{gs.family} at {gs.layer}: its tensors sit in param groups with different "
+                           f"hyper-parameters; followed as {len(parts)} parts (one per param group: per-step and "
+                           f"accumulated laws, no continuous theory)")
+            for part in parts:
+                self.sites.append(Site(len(self.sites), part, gs.family, part=len(parts) > 1))
         self._plan = FusedPlan(self.sites, laws, self._params, self.reducer) if self.sites else None
         self._assign = (LawAssignment(self.sites, self._plan, kind, ctx.optimizer, self._params, self._warn,
                                       EXCLUDE_SINGLE_ELEMENT) if self._plan is not None else None)

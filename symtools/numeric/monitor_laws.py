@@ -2,21 +2,24 @@
 
 A *class* is a param group that holds a site with a law; its law matrices (:class:`~symtools.numeric.law_matrices.
 LawBank`) follow that param group's hyper-parameters at this step (schedules and per-group settings), and
-torch's first-step rule while the group's optimizer buffers do not exist yet. A site whose tensors sit in param
-groups that disagree (law or hyper-parameters), or whose group stops following the run's law, is measured-only
-from then on. Everything here runs on the host, in Python, and remakes device tensors only when something
+torch's first-step rule while the group's optimizer buffers do not exist yet. A group set whose tensors sit in
+param groups that disagree at the start (law or hyper-parameters) is monitored as one part per param group
+(:func:`split_by_param_group`); a site whose param groups come to disagree later, or whose group stops following
+the run's law, is measured-only from then on. Everything here runs on the host, in Python, and remakes device tensors only when something
 changed: the per-step path reads the attributes.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from symtools.nn.groups import GroupSet
 from symtools.numeric import optimizer_laws
 from symtools.numeric.flat import ACC
 from symtools.numeric.monitor_plan import FusedPlan, Site
@@ -27,6 +30,39 @@ HYPER = ("lr", "weight_decay", "momentum", "dampening")
 def buffer_key(law: str) -> str | None:
     """torch's optimizer-state entry of the law's buffer b (None: the law keeps none)."""
     return optimizer_laws.state_entries(law).get("b")
+
+
+def group_signature(optimizer, i: int, kind: str | None) -> tuple | None:
+    """(law, hyper-parameters, first step?) of param group ``i``; None where it follows no closed law or not
+    the run's law ``kind``."""
+    pg = optimizer.param_groups[i]
+    law = optimizer_laws.law_of_group(pg, type(optimizer).__name__)
+    if law is None or law != kind:
+        return None
+    hyper = optimizer_laws.hyper_of_group(pg, law)
+    key = buffer_key(law)
+    first = key is not None and any(key not in optimizer.state.get(p, {}) for p in pg["params"]
+                                    if p.grad is not None)
+    return law, tuple(float(hyper.get(k, 0.0)) for k in HYPER), first
+
+
+def split_by_param_group(gs: GroupSet, optimizer, params, kind: str | None) -> list[GroupSet]:
+    """``gs`` itself, or — when its tensors sit in param groups whose law or hyper-parameters differ (a bias
+    without weight decay next to decayed weights) — one part per param group, each with the tensors of that
+    group (a slot may be empty in a part). The update is elementwise, so the per-step and accumulated laws hold
+    exactly on any subset of a group's elements, each part with its own group's hyper-parameters; the
+    continuous theory needs the whole group (its ⟨g, v⟩ = 0) and is not followed on parts. Parts are labelled
+    ``LAYER [param group i]``."""
+    where = {id(p): i for i, pg in enumerate(optimizer.param_groups) for p in pg["params"]}
+    index = {ts: where.get(id(params[ts.param])) for slices in gs.slots.values() for ts in slices}
+    groups = sorted({i for i in index.values() if i is not None})
+    if len(groups) < 2 or None in index.values():
+        return [gs]
+    signatures = {(group_signature(optimizer, i, kind) or (None,))[:2] for i in groups}
+    if len(signatures) < 2:
+        return [gs]
+    return [replace(gs, slots={slot: tuple(ts for ts in slices if index[ts] == i) for slot, slices in gs.slots.items()},
+                    layer=f"{gs.layer} [param group {i}]") for i in groups]
 
 
 class LawAssignment:
@@ -68,21 +104,8 @@ class LawAssignment:
         self.signatures = None
 
     # ------------------------------------------------------------------ signatures of param groups
-    def _group_signature(self, optimizer, i: int) -> tuple | None:
-        """(law, hyper-parameters, first step?) of param group ``i``; None where it follows no closed law or not
-        the run's."""
-        pg = optimizer.param_groups[i]
-        law = optimizer_laws.law_of_group(pg, type(optimizer).__name__)
-        if law is None or law != self.kind:
-            return None
-        hyper = optimizer_laws.hyper_of_group(pg, law)
-        key = buffer_key(law)
-        first = key is not None and any(key not in optimizer.state.get(p, {}) for p in pg["params"]
-                                        if p.grad is not None)
-        return law, tuple(float(hyper.get(k, 0.0)) for k in HYPER), first
-
     def _signatures_of(self, optimizer) -> tuple:
-        return tuple(self._group_signature(optimizer, i) for i in range(len(optimizer.param_groups)))
+        return tuple(group_signature(optimizer, i, self.kind) for i in range(len(optimizer.param_groups)))
 
     def _site_signature(self, sigs: tuple, s: Site) -> tuple | None:
         mine = {sigs[i][:2] if sigs[i] else None for i in self.site_groups.get(s.index, [])}
@@ -141,7 +164,7 @@ class LawAssignment:
             onehot *= lay.per_column(law_ok, "cpu")
             self.onehot = onehot.unsqueeze(1).to(plan.device)
         continuous = {s.index: law_ok[s.index] * float(bool(lay.families[s.family].law.CONTINUOUS_STATE))
-                      if lay.families[s.family].law is not None else 0.0 for s in self.sites}
+                      * float(not s.part) if lay.families[s.family].law is not None else 0.0 for s in self.sites}
         dev = plan.device
         law = lay.per_column(law_ok, dev)
         cont = lay.per_column(continuous, dev)

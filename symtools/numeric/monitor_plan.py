@@ -45,6 +45,9 @@ class Site:
     family: str
     cols: slice = field(default_factory=lambda: slice(0, 0))
     single_element: bool = False
+    #: one param group's part of a group set whose tensors sit in param groups with different hyper-parameters
+    #: (:func:`symtools.numeric.monitor_laws.split_by_param_group`): laws yes, continuous theory no
+    part: bool = False
 
 
 @dataclass
