@@ -5,8 +5,8 @@ LawBank`) follow that param group's hyper-parameters at this step (schedules and
 torch's first-step rule while the group's optimizer buffers do not exist yet. A group set whose tensors sit in
 param groups that disagree at the start (law or hyper-parameters) is monitored as one part per param group
 (:func:`split_by_param_group`); a site whose param groups come to disagree later, or whose group stops following
-the run's law, is measured-only from then on. Everything here runs on the host, in Python, and remakes device tensors only when something
-changed: the per-step path reads the attributes.
+the run's law, is measured-only from then on. Everything here runs on the host, in Python, and remakes device
+tensors only when something changed: the per-step path reads the attributes.
 """
 
 from __future__ import annotations
