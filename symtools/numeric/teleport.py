@@ -235,7 +235,6 @@ class OrbitChart:
 def _loss_and_grads(model, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], batch, loss_fn,
                     seed: int, create_graph: bool):
     x, y = batch
-    params = {n: p if p.requires_grad else p.detach().requires_grad_(True) for n, p in params.items()}
     with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
         torch.manual_seed(seed)  # dropout (if any) draws the same mask at every evaluation
         out = functional_call(model, ({**params}, {k: v.clone() for k, v in buffers.items()}), (x,))
@@ -265,7 +264,7 @@ def objective_value(name: str, model, params, buffers, batch, loss_fn, seed: int
     return (-kappa if name == "curvature_min" else kappa), loss, gg
 
 
-def loss_bound(loss: float, dtype: torch.dtype) -> float:
+def loss_bound(dtype: torch.dtype) -> float:
     """The largest relative loss change called round-off: LOSS_ROUNDOFF_UNITS units of the dtype's ε
     (float32: 3.1e-5; float64: 5.7e-14)."""
     return LOSS_ROUNDOFF_UNITS * torch.finfo(dtype).eps
@@ -439,7 +438,7 @@ def _commit(charts, model, base, buffers, batch, loss_fn, objective, chosen, opt
         model.train(was_training)
     l0f, l1f = l0.item(), l1.item()
     rel = abs(l1f - l0f) / max(abs(l0f), 1e-300)
-    bound = loss_bound(l0f, dtype)
+    bound = loss_bound(dtype)
     worst_charge = max((c[0] for c in checks), default=0.0)
     problems = []
     if not rel <= bound:

@@ -171,7 +171,7 @@ def teleport_two_layer(model: nn.Sequential, batch: tuple[Tensor, Tensor], *, pa
     # the pseudo-inverse amplifies round-off by the condition number of σ(gVX): only iterates whose loss
     # bound (round-off bound × condition number) stays ≤ CERTIFIABLE (the detection limit: a loss change
     # below it is not told from round-off) can be certified
-    unit = loss_bound(1.0, V.weight.dtype)
+    unit = loss_bound(V.weight.dtype)
     usable = [i for i in range(len(history)) if unit * max(1.0, conditions[i]) <= CERTIFIABLE]
     if not usable:
         raise TeleportError(f"teleport refused, the model is unchanged: σ(VX) has condition number "
