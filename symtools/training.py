@@ -594,11 +594,11 @@ class _TrainingRun:
 
     def _logged_figures(self, loss_t: torch.Tensor, logits: torch.Tensor, y: torch.Tensor,
                         sigint: SigintDeferral) -> tuple[float, float]:
-        """The loss and accuracy logged for this update (nan accuracy unless logits are (N, C) and ``y`` class
-        indices). In a distributed run both are averaged over the ranks, and ``self.stop`` says whether any rank
-        was asked to stop."""
+        """The loss and accuracy logged for this update (nan accuracy unless logits are (N, C, …) with classes on
+        axis 1 and ``y`` class indices (N, …): a language model's per-token accuracy). In a distributed run both
+        are averaged over the ranks, and ``self.stop`` says whether any rank was asked to stop."""
         loss_v = float(loss_t.detach())
-        if logits.ndim == 2 and y.ndim == 1 and not y.is_floating_point():
+        if logits.ndim >= 2 and y.ndim == logits.ndim - 1 and not y.is_floating_point():
             acc = float((logits.detach().argmax(dim=1) == y).to(torch.float64).mean())
         else:
             acc = math.nan

@@ -25,7 +25,7 @@ from symtools.cli.main import main
 from symtools.codegen.generated import rescale as RESCALE
 from symtools.data.loader import make_loader
 from symtools.errors import SymtoolsError
-from symtools.nn.models import MODEL_NAMES, build_model
+from symtools.nn.models import MODEL_NAMES, VGG_NAMES, build_model
 from symtools.nn.vgg import vgg
 from symtools.numeric.records import RecordWriter, read_meta, read_stream
 from symtools.training import train
@@ -82,7 +82,7 @@ def base_state() -> dict:
 # architecture inference
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", VGG_NAMES)
 def test_infer_vgg_every_config_from_shapes_alone(name):
     """Every VGG config, with and without BatchNorm, at two input sizes (meta tensors: shapes only, no memory)."""
     for size, classes in ((32, 10), (96, 7)):

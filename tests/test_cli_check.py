@@ -14,16 +14,14 @@ rescale per BN channel and per hidden unit of the classifier.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 
 import pytest
 import torch
 
 from symtools.cli.check import render_table
-from symtools.cli.main import main
 from symtools.nn.vgg import CONFIGS
+from symtools.testing.cli import run_cli
 
 SMALL = ["--input", "32", "--classes", "10", "--batch", "2"]
 HIDDEN = 1024  # the classifier's hidden width (symtools.nn.vgg)
@@ -32,14 +30,7 @@ HIDDEN = 1024  # the classifier's hidden width (symtools.nn.vgg)
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-def run(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main(argv)
-        except SystemExit as exc:  # argparse usage errors
-            code = exc.code
-    return code, out.getvalue(), err.getvalue()
+run = run_cli  # symtools.testing.cli: (exit code, stdout, stderr) of an in-process command
 
 
 def assert_contract(doc: dict) -> None:

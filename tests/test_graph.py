@@ -27,6 +27,7 @@ from torch import nn
 
 from symtools.errors import SymtoolsError
 from symtools.nn.graph import bind, find_symmetries
+from symtools.numeric.checker import check
 from symtools.nn.groups import GroupSet, TensorSlice
 from symtools.nn.small import cnn, mlp
 from symtools.nn.vgg import vgg
@@ -324,10 +325,13 @@ def test_vgg_bn_conv_before_bn_has_scale_not_rescale(small_vgg) -> None:
 
 def test_tanh_blocks_rescale_and_the_rescale_action_changes_the_loss() -> None:
     model = randomize(mlp(5, [7], 4, activation="tanh"))
-    found = find_symmetries(model, torch.zeros(2, 5, dtype=torch.float64))
+    found = find_symmetries(model, torch.zeros(2, 5, dtype=torch.float64), walk="fx")
     assert not found.of_family("rescale")
     assert [(b.node, b.reason) for b in found.blocked] == [("act0", "no symmetry assumed through Tanh (act0)")]
     assert found.families() == {"translation": 7 + 1}  # the softmax groups of `out` remain
+    aten = find_symmetries(model, torch.zeros(2, 5, dtype=torch.float64))  # (auto: fx stopped, so ATen)
+    assert aten.families() == found.families()
+    assert [b.node for b in aten.blocked] == ["act0"] and "not positively homogeneous" in aten.blocked[0].reason
     x, y = data((BATCH, 5), 4)
     across = bind(model, "rescale", "fc0 → out (across tanh)",
                   {"x_in": [("fc0.weight", 0), ("fc0.bias", 0)], "x_out": [("out.weight", 1)]}, count=7)
@@ -427,23 +431,40 @@ class _AvgPool(nn.Module):
 
 
 def test_residual_add_is_blocked() -> None:
-    found = find_symmetries(_Residual(), torch.zeros(2, 4))
+    found = find_symmetries(_Residual(), torch.zeros(2, 4), walk="fx")
     assert not found.of_family("rescale")
     reasons = " | ".join(b.reason for b in found.blocked)
     assert "branch" in reasons and "add" in reasons
+    # the default walk sees through the add (ATen graph): fc0's units are read by fc1 and added to fc1's own
+    # output, which only a joint similarity D·W·D⁻¹ of fc1 would undo (not an elementwise family): no group
+    found = find_symmetries(_Residual(), torch.zeros(2, 4))
+    assert not found.of_family("rescale") and found.families() == {"translation": 4 + 1}
+    assert any("fc0's units" in b.reason and b.node == "fc1" for b in found.blocked)
 
 
 def test_shared_module_is_blocked() -> None:
-    found = find_symmetries(_Shared(), torch.zeros(2, 4))
+    found = find_symmetries(_Shared(), torch.zeros(2, 4), walk="fx")
     assert all("fc." not in p for gs in found.group_sets for p in gs.params())
     assert any("called 2 times" in b.reason for b in found.blocked)
     assert found.families() == {"translation": 4 + 1}  # only the softmax groups of `out` remain
+    # the ATen walk transforms the shared tensor at both calls, and finds the same (nothing through fc)
+    aten = find_symmetries(_Shared(), torch.zeros(2, 4))
+    assert aten.families() == {"translation": 4 + 1} and aten.blocked
 
 
-def test_avgpool_is_blocked() -> None:
-    found = find_symmetries(_AvgPool(), torch.zeros(2, 2, 4, 4))
+def test_avgpool_is_blocked_by_fx_and_passed_by_the_aten_walk() -> None:
+    found = find_symmetries(_AvgPool(), torch.zeros(2, 2, 4, 4), walk="fx")
     assert not found.of_family("rescale")
     assert any(b.reason == "no symmetry assumed through AvgPool2d (pool)" for b in found.blocked)
+    # average pooling is linear per channel, so the conv → ReLU → pool → Linear rescale holds: the ATen walk
+    # (the default once fx stops) finds it, and the float64 check confirms it
+    model = _AvgPool().double()
+    found = find_symmetries(model, torch.zeros(2, 2, 4, 4, dtype=torch.float64))
+    assert [gs.count for gs in found.of_family("rescale")] == [3]
+    x, y = data((BATCH, 2, 4, 4), 2)
+    assert check(model, x, y, found, dtype=torch.float64).verdict == "pass"
+
+
 
 
 def test_untraceable_model_and_bad_input_raise() -> None:

@@ -88,9 +88,10 @@ def test_init_follows_torchvision(tiny_imagenet) -> None:
 
 
 def test_registry_names_and_errors() -> None:
-    assert set(MODEL_NAMES) == {f"vgg{d}{s}" for d in (11, 13, 16, 19) for s in ("", "_bn")}
+    assert set(MODEL_NAMES) == {f"vgg{d}{s}" for d in (11, 13, 16, 19) for s in ("", "_bn")} | {
+        f"resnet{d}" for d in (18, 34, 50)}
     with pytest.raises(SymtoolsError, match="vgg11, vgg11_bn"):
-        build_model("resnet18")
+        build_model("resnet101")
     for size in (0, 48, 65, -32, 64.0):
         with pytest.raises(SymtoolsError, match="multiple of 32"):
             build_model("vgg11", input_size=size)

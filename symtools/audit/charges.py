@@ -16,9 +16,9 @@ float64 from float64 copies of the weights, so charges of float32 weights are ex
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Iterable, Mapping
 
 import torch
 from torch import Tensor
@@ -27,8 +27,18 @@ from symtools.errors import SymtoolsError
 from symtools.nn.groups import GroupSet
 from symtools.numeric import groupops
 
-__all__ = ["LayerCharges", "CHARGE_WORDS", "charge_formula", "charge_name", "group_charges", "charge_scale",
-           "distribution", "as_float64", "family_charge_modules"]
+__all__ = [
+    "CHARGE_WORDS",
+    "LayerCharges",
+    "as_float64",
+    "charge_formula",
+    "charge_name",
+    "charge_scale",
+    "distribution",
+    "family_charge_modules",
+    "group_charges",
+    "matrix_group_charges",
+]
 
 #: optional words put before a charge's formula in reports (prose only: a family without an entry is named
 #: "<family> charge" and its formula, which always comes from the generated module's CHARGE_TEXT)
@@ -168,3 +178,28 @@ def distribution(values: Tensor) -> dict[str, float]:
            "max": float(v.max())}
     out.update({f"q{int(round(p * 100)):02d}": float(x) for p, x in zip(QUANTILES, q)})
     return out
+
+
+def matrix_group_charges(matrix_sets: Iterable, params: Mapping[str, Tensor],
+                         modules: Mapping[str, ModuleType] | None = None) -> list[dict]:
+    """The matrix charges of every :class:`~symtools.nn.groups.MatrixGroupSet` (attention heads, linear pairs),
+    JSON-ready, one entry per set: :func:`symtools.numeric.matrix_checks.matrix_charges` in float64 (the
+    generated charge Q per group, h×h, or its components ⟨Q, B_k⟩ on a given subalgebra basis with the mask of
+    the conserved ones), plus the distribution of the conserved components over groups and entries
+    (``charge``) and ``note`` for a family without a charge (rotations: antisymmetric generators)."""
+    from symtools.numeric.matrix_checks import matrix_charges
+
+    p64 = {k: (v if v.dtype == torch.float64 and v.device.type == "cpu" else v.detach().to("cpu", torch.float64))
+           for k, v in params.items()}
+    out = []
+    for ms in matrix_sets:
+        mc = matrix_charges(p64, ms, modules=modules)
+        entry = mc.describe()
+        if mc.values is not None:
+            vals = mc.values if mc.conserved is None else mc.values[:, mc.conserved & ~mc.trivial]
+            entry["charge"] = distribution(vals.reshape(-1))
+        else:
+            entry["note"] = mc.reason
+        out.append(entry)
+    return out
+

@@ -17,7 +17,7 @@ from typing import Callable, Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
-from symtools.audit.charges import (LayerCharges, as_float64, charge_name, distribution, family_charge_modules,
+from symtools.audit.charges import (LayerCharges, matrix_group_charges, as_float64, charge_name, distribution, family_charge_modules,
                                     group_charges)
 from symtools.audit.compare import (SAFETY, Hyper, Snapshot, _identity_roundoff, buffer_entries, compare_prediction,
                                     gradient_states, law_module, predicted_charges, same_density, vs_init)
@@ -500,6 +500,7 @@ def _report(*, model: nn.Module, inputs: Tensor, info: dict | None, checkpoint: 
         "identities": report_ident,
         "function_vs_init": losses.func_vs_init,
         "families": _family_summaries(sets, charges, layers),
+        "matrix_charges": matrix_group_charges(symmetries.matrix_sets, dict(model.named_parameters())),
         "layers": layers,
         "buffers": {"kinds": sorted(buffers.now), "note": buffers.note if not buffers.now else ""},
         "flagged": flagged,

@@ -1,4 +1,4 @@
-"""The VGG architecture a checkpoint's keys and shapes imply, and the strict fit of its weights to a model.
+"""The VGG or ResNet a checkpoint's keys and shapes imply, and the strict fit of its weights to a model.
 
 Reading files is :mod:`symtools.checkpoints` (the one safe loader of every command); its names are
 re-exported here for the audit API. Every failure is a :class:`~symtools.errors.SymtoolsError` (exit code 2
@@ -9,19 +9,37 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 from torch import Tensor, nn
 
-from symtools.checkpoints import RESAVE, Checkpoint, load_checkpoint_file, nonfinite_entries  # noqa: F401
+from symtools.checkpoints import (  # noqa: F401
+    RESAVE,
+    Checkpoint,
+    load_checkpoint_file,
+    nonfinite_entries,
+)
 from symtools.errors import SymtoolsError
 from symtools.nn.models import MODEL_NAMES
+from symtools.nn.resnet import DEPTHS as RESNET_DEPTHS
+from symtools.nn.resnet import resnet
 from symtools.nn.vgg import CONFIGS, DOWNSAMPLING, vgg
 
-__all__ = ["Checkpoint", "VGGArch", "load_checkpoint_file", "infer_vgg", "describe_vgg", "build_model_for",
-           "fit_state_dict", "nonfinite_entries", "optimizer_buffers"]
+__all__ = [
+    "Checkpoint",
+    "ResNetArch",
+    "VGGArch",
+    "build_model_for",
+    "describe_resnet",
+    "describe_vgg",
+    "fit_state_dict",
+    "infer_vgg",
+    "load_checkpoint_file",
+    "nonfinite_entries",
+    "optimizer_buffers",
+]
 
 _FEATURE_KEY = re.compile(r"^features\.(\d+)\.(weight|bias|running_mean|running_var|num_batches_tracked)$")
 _CLASSIFIER_KEY = re.compile(r"^classifier\.(\d+)\.(weight|bias)$")
@@ -135,17 +153,173 @@ def infer_vgg(state_dict: Mapping[str, Tensor]) -> tuple[str, int, int]:
     return arch.name, arch.input_size, arch.classes
 
 
-def build_model_for(state_dict: Mapping[str, Tensor], model: str = "auto") -> tuple[nn.Module, VGGArch, list[str]]:
-    """A VGG with ``state_dict`` loaded (strictly, in the state_dict's floating dtype) and notes on the fit.
+# ----------------------------------------------------------------------------------------------------------
+# ResNet (symtools.nn.resnet, torchvision's layout)
 
-    ``model="auto"`` infers everything; a name (``vgg16_bn`` …) fixes config and BatchNorm and takes input size,
-    hidden width and classes from the classifier's shapes. Missing/extra keys and shape mismatches are named.
+#: input side assumed for a ResNet checkpoint: its weights do not fix it (a global average pool precedes fc)
+RESNET_DEFAULT_INPUT = 64
+
+_BN_ENTRY = r"(weight|bias|running_mean|running_var|num_batches_tracked)"
+_RESNET_STEM = re.compile(rf"^(conv1\.weight|bn1\.{_BN_ENTRY}|fc\.(weight|bias))$")
+_RESNET_BLOCK = re.compile(rf"^layer(\d+)\.(\d+)\.(conv[123]\.weight|bn[123]\.{_BN_ENTRY}|downsample\.0\.weight|"
+                           rf"downsample\.1\.{_BN_ENTRY})$")
+_RESNET_HINT = re.compile(r"^layer\d+\.\d+\.")
+
+
+@dataclass(frozen=True)
+class ResNetArch:
+    """A ResNet of :mod:`symtools.nn.resnet` as implied by a state_dict (fields compatible with :class:`VGGArch`).
+
+    ``input_size`` is not in the weights (the global average pool takes any side ≥ 32): it is
+    :data:`RESNET_DEFAULT_INPUT` unless set, and ``input_from_weights`` is False. The head has no hidden layer
+    (``hidden`` None); every convolution feeds a BatchNorm (``batch_norm`` True).
     """
+
+    name: str           # "resnet18" | "resnet34" | "resnet50"
+    depth: int          # 18 | 34 | 50
+    input_size: int
+    classes: int
+    in_channels: int = 3
+    hidden: int | None = None
+    batch_norm: bool = True
+    input_from_weights: bool = False
+
+    def build(self, device: str | torch.device | None = None) -> nn.Module:
+        """The model; on ``device="meta"`` it holds no memory and no initialisation is run (load with assign)."""
+        with torch.device(device) if device is not None else _nullcontext():
+            return resnet(self.depth, classes=self.classes, in_channels=self.in_channels)
+
+
+def looks_like_resnet(keys: list[str]) -> bool:
+    """Whether the keys have ResNet blocks (``layerL.B.…``) and none of a VGG's ``features.N``/``classifier.N``."""
+    return any(_RESNET_HINT.match(k) for k in keys) and not any(_FEATURE_KEY.match(k) or _CLASSIFIER_KEY.match(k)
+                                                                for k in keys)
+
+
+def _resnet_layout(state_dict: Mapping[str, Tensor]) -> tuple[dict[int, set[int]], bool]:
+    """``({stage: {block indices}}, bottleneck)`` from the keys; unexpected keys raise."""
+    keys = list(state_dict)
+    other = [k for k in keys if not (_RESNET_STEM.match(k) or _RESNET_BLOCK.match(k))]
+    if other:
+        raise SymtoolsError(f"not a ResNet checkpoint of the torchvision layout: unexpected keys {other[:6]}"
+                            + (f" (+{len(other) - 6} more)" if len(other) > 6 else "")
+                            + ("" if any(_RESNET_HINT.match(k) for k in other) else f"; {_family_hint(other)}"))
+    stages: dict[int, set[int]] = {}
+    conv3: set[tuple[int, int]] = set()
+    for k in keys:
+        m = _RESNET_BLOCK.match(k)
+        if m:
+            stage, block = int(m.group(1)), int(m.group(2))
+            stages.setdefault(stage, set()).add(block)
+            if m.group(3).startswith(("conv3", "bn3")):
+                conv3.add((stage, block))
+    blocks = {(s, b) for s, bs in stages.items() for b in bs}
+    if conv3 and conv3 != blocks:
+        plain = sorted(blocks - conv3)[:4]
+        raise SymtoolsError(f"cannot infer the ResNet architecture: some blocks have conv3/bn3 (Bottleneck) and "
+                            f"others do not ({', '.join(f'layer{s}.{b}' for s, b in plain)} …)")
+    return stages, bool(conv3)
+
+
+def describe_resnet(state_dict: Mapping[str, Tensor]) -> ResNetArch:
+    """The ResNet depth (18/34/50), classes and input channels implied by a torchvision-layout state_dict.
+
+    * depth: the number of blocks ``layerL.B`` in each of the stages ``layer1`` … ``layer4`` and whether the
+      blocks have a ``conv3`` (Bottleneck) or not (BasicBlock), matched against :data:`symtools.nn.resnet.DEPTHS`;
+    * classes: rows of ``fc.weight``; input channels: axis 1 of ``conv1.weight``;
+    * input size: not in the weights, :data:`RESNET_DEFAULT_INPUT` (64).
+
+    Shapes are not checked here beyond these: :func:`fit_state_dict` names every mismatch.
+    """
+    keys = list(state_dict)
+    if not any(_RESNET_HINT.match(k) for k in keys):
+        raise SymtoolsError(f"not a ResNet checkpoint: {_family_hint(keys)}; symtools reads ResNet-18/34/50 in "
+                            f"torchvision's layout (conv1, bn1, layer1 … layer4 of blocks layerL.B.*, fc)")
+    stages, bottleneck = _resnet_layout(state_dict)
+    kind = "Bottleneck (conv1–conv3)" if bottleneck else "BasicBlock (conv1, conv2)"
+    counts = [len(stages.get(s, ())) for s in (1, 2, 3, 4)]
+    found = (f"stages {', '.join(f'layer{s}' for s in sorted(stages))} with "
+             f"{[len(stages[s]) for s in sorted(stages)]} blocks of {kind}")
+    gaps = [f"layer{s}" for s, bs in sorted(stages.items()) if bs != set(range(len(bs)))]
+    depth = next((d for d, (k, layers) in RESNET_DEPTHS.items()
+                  if sorted(stages) == [1, 2, 3, 4] and not gaps and tuple(counts) == layers
+                  and (k == "bottleneck") == bottleneck), None)
+    if depth is None:
+        known = "; ".join(f"{d}: {'Bottleneck' if k == 'bottleneck' else 'BasicBlock'} {list(layers)}"
+                          for d, (k, layers) in RESNET_DEPTHS.items())
+        extra = f" (block indices not 0, 1, … in {', '.join(gaps)})" if gaps else ""
+        raise SymtoolsError(f"cannot infer the ResNet architecture: found {found}{extra}, which match no ResNet of "
+                            f"symtools (stages layer1 … layer4; {known})")
+    fc, conv1 = state_dict.get("fc.weight"), state_dict.get("conv1.weight")
+    if fc is None or fc.dim() != 2:
+        raise SymtoolsError("cannot infer the classes: no 2-D fc.weight (the ResNet's last Linear layer)")
+    if conv1 is None or conv1.dim() != 4:
+        raise SymtoolsError("cannot infer the input channels: no 4-D conv1.weight (the ResNet's stem convolution)")
+    return ResNetArch(name=f"resnet{depth}", depth=depth, input_size=RESNET_DEFAULT_INPUT, classes=int(fc.shape[0]),
+                      in_channels=int(conv1.shape[1]))
+
+
+def _resnet_for_named(state_dict: Mapping[str, Tensor], name: str) -> ResNetArch:
+    """For ``--model resnetD``: depth from the name, classes and channels from the file (the key check speaks)."""
+    depth = int(name[len("resnet"):])
+    try:
+        found = describe_resnet(state_dict)
+    except SymtoolsError as exc:
+        if str(exc).startswith("not a ResNet checkpoint"):
+            raise
+        fc, conv1 = state_dict.get("fc.weight"), state_dict.get("conv1.weight")
+        if fc is None or fc.dim() != 2 or conv1 is None or conv1.dim() != 4:
+            raise SymtoolsError(f"{name}: the checkpoint has no fc.weight / conv1.weight to read the classes and "
+                                f"input channels from ({exc})") from None
+        found = ResNetArch(name, depth, RESNET_DEFAULT_INPUT, int(fc.shape[0]), int(conv1.shape[1]))
+    return ResNetArch(name, depth, found.input_size, found.classes, found.in_channels)
+
+
+_UNKNOWN_LAYOUT = ("symtools reads the VGG family (features.N.* / classifier.N.*) and ResNet-18/34/50 (conv1, bn1, "
+                   "layer1 … layer4, fc), both in torchvision's layout; audit other models with the Python API "
+                   "symtools.audit.audit_model")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# building and loading
+
+
+def build_model_for(state_dict: Mapping[str, Tensor], model: str = "auto"
+                    ) -> tuple[nn.Module, VGGArch | ResNetArch, list[str]]:
+    """A VGG or ResNet with ``state_dict`` loaded (strictly, in the state_dict's floating dtype) and notes on the fit.
+
+    ``model="auto"`` infers everything: a ResNet when the keys have blocks ``layerL.B.*`` (and no VGG keys), see
+    :func:`describe_resnet`, else a VGG, see :func:`describe_vgg`. A VGG name (``vgg16_bn`` …) fixes config and
+    BatchNorm and takes input size, hidden width and classes from the classifier's shapes; a ResNet name
+    (``resnet18`` …) fixes the depth and takes classes and input channels from ``fc.weight`` and ``conv1.weight``.
+    A ResNet's input size is not in its weights: 64 is assumed and said in a note. Missing/extra keys and shape
+    mismatches are named.
+    """
+    if model != "auto" and model not in MODEL_NAMES:
+        raise SymtoolsError(f"unknown model {model!r}; choose auto or one of {', '.join(MODEL_NAMES)}")
+    keys = list(state_dict)
+    if model.startswith("resnet") or (model == "auto" and looks_like_resnet(keys)):
+        if model == "auto":
+            try:
+                arch = describe_resnet(state_dict)
+            except SymtoolsError as exc:  # keys of a ResNet, but not one symtools builds: say both
+                raise SymtoolsError(f"not a VGG checkpoint: {_family_hint(keys)}, but {exc}") from None
+        else:
+            arch = _resnet_for_named(state_dict, model)
+        net = arch.build()
+        notes = fit_state_dict(net, state_dict)
+        notes.append(f"input size {arch.input_size}×{arch.input_size} assumed: a ResNet's weights do not fix it "
+                     f"(a global average pool precedes fc)")
+        return net, arch, notes
     if model == "auto":
-        arch = describe_vgg(state_dict)
+        try:
+            arch = describe_vgg(state_dict)
+        except SymtoolsError as exc:
+            if str(exc).startswith("not a VGG checkpoint: "):
+                raise SymtoolsError(f"not a VGG or ResNet checkpoint: {_family_hint(keys)}; "
+                                    f"{_UNKNOWN_LAYOUT}") from None
+            raise
     else:
-        if model not in MODEL_NAMES:
-            raise SymtoolsError(f"unknown model {model!r}; choose auto or one of {', '.join(MODEL_NAMES)}")
         depth, _, suffix = model[len("vgg"):].partition("_")
         try:
             found = describe_vgg(state_dict)

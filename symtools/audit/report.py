@@ -15,12 +15,13 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from symtools.errors import SymtoolsError
 
-__all__ = ["render_table", "write_json", "write_html", "check_report_dir", "PLOTS", "MARKER"]
+__all__ = ["MARKER", "PLOTS", "check_report_dir", "render_table", "write_html", "write_json"]
 
 MARKER = "audit.json"  # a folder holding this file was written by us and may be replaced
 PLOTS = {
@@ -115,6 +116,7 @@ def render_table(report: dict, max_rows: int | None = None) -> str:
                      f"{_fmt(dmax, '>12.3g')}  {ptxt}{flag}")
     if max_rows is not None and len(layers) > max_rows:
         lines.append(f"… {len(layers) - max_rows} more group sets (see the JSON/HTML report)")
+    lines += _matrix_charge_lines(report)
     for f in report.get("flagged", []):
         lines.append(f"FLAGGED {f['family']} {f['layer']}: {f['reason']}")
     seen = set()
@@ -132,6 +134,24 @@ def render_table(report: dict, max_rows: int | None = None) -> str:
                     + (" (rerun with --dtype float64)" if ident.get("verdict") == "inconclusive" else ""))
                  + f" ({secs.get('total', 0.0):.1f} s)")
     return "\n".join(lines)
+
+
+def _matrix_charge_lines(report: dict) -> list[str]:
+    """One line per matrix group set (``report["matrix_charges"]``, from
+    :func:`symtools.audit.charges.matrix_group_charges`): its conserved charge components' range, or why it has
+    no charge."""
+    lines = []
+    for mc in report.get("matrix_charges") or []:
+        head = f"matrix charge {mc['family']} {_short(mc['layer'], 34)} ({mc['groups']} groups, {mc['algebra']})"
+        c = mc.get("charge") or {}
+        if not mc.get("has_charge"):
+            lines.append(f"{head}: none — {mc.get('reason') or 'the derivation found no charge'}")
+        elif c.get("count"):
+            lines.append(f"{head}: {c['count']} conserved components in [{_fmt(c['min'])}, {_fmt(c['max'])}], "
+                         f"mean {_fmt(c['mean'])}")
+        else:
+            lines.append(f"{head}: no conserved component on this subalgebra")
+    return lines
 
 
 # ----------------------------------------------------------------------------------------------------------

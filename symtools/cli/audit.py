@@ -7,6 +7,7 @@ Exit codes: 0 nothing flagged and the identities hold; 1 group sets flagged or a
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from symtools.cli.common import parse_device, require
@@ -17,14 +18,18 @@ DTYPES = ("float64", "float32", "weights")
 
 
 def add_arguments(p) -> None:
-    p.add_argument("checkpoint", metavar="CKPT", help="state_dict (.pt, weights_only) or .safetensors, or a "
-                                                      "symtools training checkpoint")
-    p.add_argument("--model", default="auto", help="vgg11 … vgg19_bn, or auto (infer from keys and shapes; default)")
+    p.add_argument("checkpoint", metavar="CKPT", help="state_dict (.pt, weights_only) or .safetensors, a symtools "
+                                                      "training checkpoint, or a Hugging Face checkpoint folder "
+                                                      "(config.json + model.safetensors; needs the 'hf' extra)")
+    p.add_argument("--model", default="auto",
+                   help="vgg11 … vgg19_bn, resnet18/34/50, or auto (infer from keys and shapes; default)")
     p.add_argument("--init", metavar="CKPT0", help="the initial weights, for 'vs init' and the laws")
     p.add_argument("--run", metavar="RUN", help="a training run directory (runs/NAME): its step-0 checkpoint is the "
                                                 "init unless --init is given; its records give lr per step and "
                                                 "recorded charges")
-    p.add_argument("--data", default="digits", help="'digits' (bundled) or an image folder (default digits)")
+    p.add_argument("--data", default=None, help="'digits' (bundled) or an image folder (default digits); for a "
+                                                "Hugging Face model 'stdlib-text' (default) or 'random'")
+    p.add_argument("--seq-len", type=int, default=32, help="tokens per sequence for a Hugging Face model (default 32)")
     p.add_argument("--batch", type=int, default=32, help="batch size of the identity checks (default 32)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data batch and of the checker (default 0)")
     p.add_argument("--json", metavar="FILE", help="write the report as JSON (schema in docs/commands/audit.md); "
@@ -126,6 +131,78 @@ def _hyper(args, ckpt, init, names, records, start: int, target: int | None):
     return hyper
 
 
+@dataclass(frozen=True)
+class HFArch:
+    """The audit's description of a Hugging Face causal LM (the fields of ``VGGArch`` the report reads):
+    ``input_size`` is the sequence length, ``classes`` the vocabulary."""
+
+    name: str
+    input_size: int
+    classes: int
+    hidden: int | None
+    batch_norm: bool = False
+
+
+def _is_hf_folder(path) -> bool:
+    p = Path(path)
+    return p.is_dir() and (p / "config.json").is_file()
+
+
+def _hf_source(ckpt) -> str | None:
+    """The ``--hf-config``/``--hf`` a symtools training checkpoint was trained from (``symtools train``), or None."""
+    config = (ckpt.config or {}) if ckpt is not None else {}
+    return config.get("hf_config") or config.get("hf")
+
+
+def _hf_folder_checkpoint(path):
+    """A Hugging Face checkpoint folder as ``(Checkpoint keyed by the CausalLM's names, the CausalLM)``.
+
+    Half-precision weights are audited in float32 (which holds them exactly): the audit evaluates the loss with
+    its inputs cast to the weights' dtype, and float16/bfloat16 cannot hold every token id.
+    """
+    import torch
+
+    from symtools.checkpoints import Checkpoint
+    from symtools.nn.hf import from_checkpoint_dir, weight_files
+
+    model = from_checkpoint_dir(path)
+    notes = list(model.notes)
+    dtype = next(model.parameters()).dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        model = model.float()
+        notes.append(f"{str(dtype).replace('torch.', '')} weights audited in float32 (exactly the same values): "
+                     f"token ids do not all fit in {str(dtype).replace('torch.', '')}")
+    files, _ = weight_files(path)
+    ckpt = Checkpoint(str(path), "safetensors" if files[0].suffix == ".safetensors" else "torch", "state_dict",
+                      {k: v.detach() for k, v in model.state_dict().items()}, notes=notes)
+    return ckpt, model
+
+
+def _hf_model(args, ckpt):
+    """The audited causal LM: a Hugging Face checkpoint folder (``ckpt`` None), or a checkpoint of ``symtools
+    train --hf-config/--hf`` rebuilt from the config it names. Returns ``(ckpt, model, arch, notes)``."""
+    from symtools.nn.hf import from_config_dir
+
+    if args.model not in (None, "auto"):
+        raise SymtoolsError(f"--model {args.model} names an image model; a Hugging Face model's architecture comes "
+                            f"from its config.json (leave --model out)")
+    args.data = args.data or "stdlib-text"
+    if ckpt is None:
+        ckpt, model = _hf_folder_checkpoint(args.checkpoint)
+    else:
+        source = _hf_source(ckpt)
+        model = from_config_dir(source, dtype=ckpt.dtype)
+        try:
+            model.load_state_dict(ckpt.state_dict, strict=True)
+        except RuntimeError as exc:
+            raise SymtoolsError(f"{args.checkpoint} does not fit the model of {source} it was trained from: "
+                                f"{(str(exc).splitlines() or [''])[0][:300]}") from None
+    cfg = model.config
+    arch = HFArch(type(model.model).__name__, args.seq_len, model.vocab_size,
+                  getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None))
+    return ckpt, model, arch, []
+
+
 def prepare(args) -> dict:
     """Everything that can fail on bad input, before any output is written: a dict of audit_model arguments."""
     import torch
@@ -144,8 +221,14 @@ def prepare(args) -> dict:
         require("matplotlib", "matplotlib", "--report (its plots)")
         check_report_dir(args.report)
     device = parse_device(args.device)
-    ckpt = load_checkpoint_file(args.checkpoint)
-    model, arch, notes = build_model_for(ckpt.state_dict, args.model)
+    hf = _is_hf_folder(args.checkpoint)
+    ckpt = None if hf else load_checkpoint_file(args.checkpoint)
+    hf = hf or bool(_hf_source(ckpt))
+    if hf:
+        ckpt, model, arch, notes = _hf_model(args, ckpt)
+    else:
+        args.data = args.data or "digits"
+        model, arch, notes = build_model_for(ckpt.state_dict, args.model)
     ckpt.notes.extend(notes)
     run = Path(args.run) if args.run else None
     records = None
@@ -161,7 +244,7 @@ def prepare(args) -> dict:
         records = RecordedRun(run)
     init = None
     if init_path is not None:
-        init = load_checkpoint_file(init_path)
+        init = _hf_folder_checkpoint(init_path)[0] if _is_hf_folder(init_path) else load_checkpoint_file(init_path)
         own = dict(model.named_parameters())
         missing = [k for k in own if k not in init.state_dict]
         wrong = [f"{k}: {tuple(init.state_dict[k].shape)} vs {tuple(p.shape)}" for k, p in own.items()
@@ -177,15 +260,29 @@ def prepare(args) -> dict:
     target = ckpt.step if (init is not None and ckpt.step is not None) else None
     names = [n for n, _ in model.named_parameters()]
     hyper = _hyper(args, ckpt, init, names, records, start, target)
-    x, y = _batch(args, arch.input_size, arch.classes)
+    if hf:
+        from symtools.cli.common import text_batch
+
+        if args.batch < 2:
+            raise SymtoolsError(f"--batch must be at least 2 (the permuted-batch round-off floor needs two "
+                                f"samples), got {args.batch}")
+        x, y = text_batch(args.data, args.batch, args.seq_len, args.seed, arch.classes)
+    else:
+        x, y = _batch(args, arch.input_size, arch.classes)
     dtype = {"float64": torch.float64, "float32": torch.float32, "weights": None}[args.dtype]
     model = model.to(device)
-    return {"model": model, "inputs": x.to(device=device, dtype=next(model.parameters()).dtype), "targets": y.to(device),
+    x = x.to(device=device, dtype=next(model.parameters()).dtype) if x.is_floating_point() else x.to(device)
+    kwargs = {"model": model, "inputs": x, "targets": y.to(device),
             "checkpoint": ckpt, "init": init, "init_step": start if init is not None else None, "hyper": hyper,
             "records": records, "identities": not args.no_identities, "check_dtype": dtype, "seed": args.seed,
             "info": {"name": arch.name, "input_size": arch.input_size, "classes": arch.classes,
                      "hidden": arch.hidden, "batch_norm": arch.batch_norm, "inferred": args.model == "auto",
                      "data": args.data, "device": str(device)}}
+    if hf:  # the graph walk's verdict on a causal LM, or where it stopped (symtools.nn.hf.symmetries_or_blocked)
+        from symtools.nn.hf import symmetries_or_blocked
+
+        kwargs["symmetries"] = symmetries_or_blocked(model, x[:1])
+    return kwargs
 
 
 def run(args) -> int:

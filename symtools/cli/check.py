@@ -6,7 +6,12 @@ import json
 import sys
 import time
 
-from symtools.cli.common import parse_device
+from symtools.cli.common import (
+    HF_CHECKPOINT_HELP,
+    HF_CONFIG_HELP,
+    hf_requested,
+    parse_device,
+)
 from symtools.errors import SymtoolsError
 
 HELP = "verify the gradient and Hessian identities of every symmetry group of a model (HVPs)"
@@ -15,15 +20,21 @@ DTYPES = ("float32", "float64")
 
 def add_arguments(p) -> None:
     p.add_argument("--model", default=None,
-                   help="model name (vgg11 … vgg19_bn; default vgg16_bn, or with --weights inferred from them)")
+                   help="model name (vgg11 … vgg19_bn, resnet18/34/50; default vgg16_bn, or with --weights inferred "
+                        "from them)")
     p.add_argument("--input", type=int, default=None,
-                   help="input image side, a multiple of 32 (default 64, or with --weights inferred from them)")
+                   help="input image side, a multiple of 32 for VGG, ≥ 32 for ResNet (default 64, or with "
+                        "--weights of a VGG inferred from them)")
     p.add_argument("--classes", type=int, default=None,
                    help="number of classes (default 200, or with --weights inferred from them)")
     p.add_argument("--batch", type=int, default=8, help="batch size (default 8)")
-    p.add_argument("--data", default="digits", help="'digits' (bundled real images), 'random', or an image folder")
+    p.add_argument("--data", default=None, help="'digits' (bundled real images; the default), 'random', or an image "
+                                                "folder; for --hf-config/--hf: 'stdlib-text' (the default) or 'random'")
     p.add_argument("--weights", help="state_dict (.pt, weights_only) or .safetensors, or a symtools checkpoint; "
                                      "model, input size and classes are inferred from it; default: Kaiming init")
+    p.add_argument("--hf-config", metavar="DIR", help=HF_CONFIG_HELP + " (instead of --model)")
+    p.add_argument("--hf", metavar="DIR", help=HF_CHECKPOINT_HELP + " (instead of --model)")
+    p.add_argument("--seq-len", type=int, default=32, help="tokens per sequence for --hf-config/--hf (default 32)")
     p.add_argument("--dtype", choices=DTYPES, default="float64", help="arithmetic of the check (default float64)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--bn", choices=("batch", "eval"), default="batch",
@@ -80,12 +91,31 @@ def _model(args):
         model, arch, _ = build_model_for(ckpt.state_dict, args.model or "auto")
     except SymtoolsError as exc:
         raise SymtoolsError(f"--weights {args.weights}: {exc}") from None
-    for option, given, found in (("--input", args.input, arch.input_size), ("--classes", args.classes, arch.classes)):
+    fixed = getattr(arch, "input_from_weights", True)  # a ResNet's weights do not fix its input size
+    for option, given, found in (("--input", args.input if fixed else None, arch.input_size),
+                                 ("--classes", args.classes, arch.classes)):
         if given is not None and given != found:
             raise SymtoolsError(f"{option} {given} does not fit {args.weights}: its weights are for {option} {found} "
                                 f"(leave {option} out to take it from the weights)")
-    args.model, args.input, args.classes = arch.name, arch.input_size, arch.classes
+    args.model, args.classes = arch.name, arch.classes
+    args.input = arch.input_size if fixed or args.input is None else args.input
     return model
+
+
+def _hf_model_and_batch(args, dtype):
+    """``--hf-config``/``--hf``: the causal LM in ``dtype`` (random init from ``--seed``, or the checkpoint's
+    weights) and one batch of ``--batch`` sequences of ``--seq-len`` tokens (``--data``: stdlib-text or random)."""
+    from symtools.cli.common import check_hf_options, hf_label, hf_model, text_batch
+
+    flag = check_hf_options(args, {"--model": args.model, "--weights": args.weights, "--input": args.input,
+                                   "--classes": args.classes})
+    if args.loss != "cross_entropy":
+        raise SymtoolsError(f"--loss {args.loss} is for image models: a causal LM's loss is the cross-entropy of "
+                            f"its (N, V, T) logits against the next tokens")
+    model = hf_model(args, dtype, seed=args.seed)
+    x, y = text_batch(args.data, args.batch, args.seq_len, args.seed, model.vocab_size)
+    args.model = hf_label(model, flag, args.hf_config or args.hf)
+    return model, x, y
 
 
 def run(args) -> int:
@@ -97,13 +127,22 @@ def run(args) -> int:
     dtype = getattr(torch, args.dtype)
     device = parse_device(args.device)
     torch.manual_seed(args.seed)
-    model = _model(args)
+    if hf_requested(args):
+        model, x, y = _hf_model_and_batch(args, dtype)
+    else:
+        args.data = args.data or "digits"
+        model = _model(args)
+        x, y = _batch(args, dtype)
     model = model.to(device=device, dtype=dtype)
-    x, y = _batch(args, dtype)
     x, y = x.to(device), y.to(device)
     say = (lambda m: print(f"[check] {m}", file=sys.stderr)) if not args.json else None
     t0 = time.perf_counter()
-    symmetries = find_symmetries(model, x[:1])
+    if hf_requested(args):
+        from symtools.nn.hf import symmetries_or_blocked
+
+        symmetries = symmetries_or_blocked(model, x[:1])
+    else:
+        symmetries = find_symmetries(model, x[:1])
     report = check(model, x, y, symmetries, loss=args.loss, bn=args.bn, weight_decay=args.weight_decay,
                    seed=args.seed, progress=say)
     elapsed = time.perf_counter() - t0
@@ -144,6 +183,10 @@ def render_table(out: dict) -> str:
         lines.append(f"{name:<12}{f['groups']:>8}{f['gradient']['max_rel_residual']:>14.2e}"
                      f"{f['gradient']['max_ratio']:>8.2g}{f['hessian']['rel_residual']:>14.2e}"
                      f"{f['hessian']['max_ratio']:>8.2g}  " + f["verdict"].upper())
+        if f.get("kind") == "matrix":  # symtools.numeric.matrix_checks: one h×h identity per group
+            algebras = sorted({lr.get("algebra", "") for lr in f["layers"]})
+            lines.append(f"{'':<12}matrix family: Lie algebra dimension {f['dimension']} in all "
+                         f"({', '.join(algebras)} per group); ratio: largest over each group's algebra coefficients")
         if f.get("epsilon"):
             lines.append(f"{'':<12}BatchNorm ε breaks ⟨g,θ⟩ by up to {f['epsilon']['max_rel_breaking']:.1e} "
                          f"(relative); predicted exactly and removed")

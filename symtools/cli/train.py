@@ -5,7 +5,14 @@ from __future__ import annotations
 import json
 import sys
 
-from symtools.cli.common import check_out_dir, make_out_dir, parse_device
+from symtools.cli.common import (
+    HF_CHECKPOINT_HELP,
+    HF_CONFIG_HELP,
+    check_out_dir,
+    hf_requested,
+    make_out_dir,
+    parse_device,
+)
 from symtools.errors import SymtoolsError
 
 HELP = "train a model with the conservation-law monitor (records, checkpoints, summary)"
@@ -19,9 +26,14 @@ def _choices() -> tuple[str, ...]:
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", default="vgg16_bn", help="model name (vgg11 … vgg19_bn; default vgg16_bn)")
-    p.add_argument("--data", default="digits", help="'digits' (bundled UCI digits) or a Tiny-ImageNet-style folder")
-    p.add_argument("--input", type=int, default=32, help="image side, a multiple of 32 (default 32)")
+    p.add_argument("--model", default=None, help="model name (vgg11 … vgg19_bn, resnet18/34/50; default vgg16_bn)")
+    p.add_argument("--hf-config", metavar="DIR", help=HF_CONFIG_HELP + " (instead of --model; trained on stdlib-text)")
+    p.add_argument("--hf", metavar="DIR", help=HF_CHECKPOINT_HELP + " (instead of --model: training starts from it)")
+    p.add_argument("--data", default=None, help="'digits' (bundled UCI digits; the default) or a Tiny-ImageNet-style "
+                                                "folder; for --hf-config/--hf: 'stdlib-text' (the default)")
+    p.add_argument("--seq-len", type=int, default=64, help="tokens per sequence for --hf-config/--hf (default 64)")
+    p.add_argument("--input", type=int, default=32,
+                   help="image side, a multiple of 32 for VGG, ≥ 32 for ResNet (default 32)")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
     p.add_argument("--batch", type=int, default=128, help="batch size (default 128)")
     p.add_argument("--optimizer", choices=_choices(), default=None,
@@ -87,6 +99,29 @@ def make_optimizer(name: str | None, params, lr: float, wd: float, momentum: flo
         raise SymtoolsError(f"--optimizer {name}: {exc}") from None
 
 
+def _hf_model_and_data(args):
+    """``--hf-config``/``--hf``: the float32 causal LM (random init from ``--seed``, or the checkpoint's weights)
+    and the ``stdlib-text`` stream of ``--batch`` sequences of ``--seq-len`` tokens, seeded by ``--seed``."""
+    import torch
+
+    from symtools.cli.common import check_hf_options, hf_label, hf_model
+    from symtools.data.loader import make_loader
+
+    flag = check_hf_options(args, {"--model": args.model})
+    if args.data not in (None, "stdlib-text"):
+        raise SymtoolsError(f"--data {args.data}: a causal LM is trained on 'stdlib-text' (the default)")
+    if args.seq_len < 1:
+        raise SymtoolsError(f"--seq-len must be at least 1, got {args.seq_len}")
+    args.data = "stdlib-text"
+    batches = make_loader(args.data, args.batch, seed=args.seed, seq_len=args.seq_len)
+    model = hf_model(args, torch.float32, seed=args.seed)
+    if model.vocab_size < batches.classes:
+        raise SymtoolsError(f"the model's vocabulary has {model.vocab_size} tokens, fewer than the 256 byte values "
+                            f"of {args.data}")
+    args.model = hf_label(model, flag, args.hf_config or args.hf)
+    return model, batches
+
+
 def run(args) -> int:
     import torch
 
@@ -109,14 +144,24 @@ def run(args) -> int:
         check_objective(args.teleport_objective)
     check_out_dir(args.out, force=args.force or args.resume, also=" (or --resume the run in it)")
     device = parse_device(args.device)
-    batches = make_loader(args.data, args.batch, image_size=args.input, seed=args.seed)
-    torch.manual_seed(args.seed)
-    model = build_model(args.model, input_size=args.input, classes=batches.classes).to(device)
+    if hf_requested(args):
+        model, batches = _hf_model_and_data(args)
+        model = model.to(device)
+    else:
+        args.model, args.data = args.model or "vgg16_bn", args.data or "digits"
+        batches = make_loader(args.data, args.batch, image_size=args.input, seed=args.seed)
+        torch.manual_seed(args.seed)
+        model = build_model(args.model, input_size=args.input, classes=batches.classes).to(device)
     optimizer = make_optimizer(args.optimizer, model.parameters(), args.lr, args.wd, args.momentum,
                                args.dampening, args.nesterov)
     make_out_dir(args.out)  # every option is valid: only now is anything written
     x0, _ = batches.batch(0)
-    symmetries = find_symmetries(model, x0[:1].to(device))
+    if hf_requested(args):
+        from symtools.nn.hf import symmetries_or_blocked
+
+        symmetries = symmetries_or_blocked(model, x0[:1].to(device))
+    else:
+        symmetries = find_symmetries(model, x0[:1].to(device))
     monitor = Monitor(symmetries, stride=args.stride, check_every=args.check_every, seed=args.seed)
     callbacks = [monitor]
     if args.teleport_every:
@@ -132,6 +177,12 @@ def run(args) -> int:
               "momentum": args.momentum, "dampening": args.dampening, "nesterov": args.nesterov,
               "seed": args.seed, "steps": args.steps, "stride": args.stride, "check_every": args.check_every,
               "teleport_every": args.teleport_every}
+    if hf_requested(args):
+        import os
+
+        where = {k: (v if v is None or not os.path.exists(v) else os.path.abspath(v))  # a bundled name stays a name
+                 for k, v in (("hf_config", args.hf_config), ("hf", args.hf))}
+        config.update(where, seq_len=args.seq_len, input=None)
     summary = train(model, optimizer, batches, args.steps, device=device, out_dir=args.out,
                     checkpoint_every=args.checkpoint_every, callbacks=callbacks, progress=not args.quiet,
                     resume=args.resume, overwrite=args.force, config=config)

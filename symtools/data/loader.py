@@ -109,16 +109,27 @@ class BatchStream:
 
 def make_loader(name_or_dir: str | os.PathLike, batch: int, image_size: int = 32, seed: int = 0, *,
                 split: str = "train", channels: int = 3, dtype: torch.dtype = torch.float32,
-                shuffle: bool = True) -> BatchStream:
-    """A :class:`BatchStream` over ``"digits"`` (the bundled UCI digits) or an image folder.
+                shuffle: bool = True, seq_len: int = 64) -> BatchStream:
+    """A :class:`BatchStream` over ``"digits"`` (the bundled UCI digits), an image folder, or ``"stdlib-text"``.
 
     ``seed`` fixes both the batch order and, for digits, the train/test split. The result has
     ``.classes`` (10 for digits; the number of class folders otherwise) and ``.input_shape``.
+    ``"stdlib-text"`` (:mod:`symtools.data.text`): windows of ``seq_len`` bytes of Python standard-library
+    source, ``x`` and ``y`` int64 ``(batch, seq_len)`` with ``y`` shifted by one byte, 256 classes;
+    ``image_size``, ``channels`` and ``dtype`` do not apply to it.
     """
     from symtools.data.digits import load_digits
     from symtools.data.folder import load_image_folder
 
     name = os.fspath(name_or_dir)
+    if name == "stdlib-text":
+        from symtools.data.text import corpus_info, load_stdlib_text
+
+        text = load_stdlib_text(seq_len=seq_len, split=split)
+        info = corpus_info()
+        return BatchStream(text, batch, seed, shuffle=shuffle,
+                           config={"data": name, "split": text.split, "seq_len": seq_len, "stride": text.stride,
+                                   "python": info["python"], "sha256": info["sha256"]})
     if name == "digits":
         ds = load_digits(image_size=image_size, channels=channels, dtype=dtype, split=split if split != "val" else "test",
                          seed=seed)
@@ -128,8 +139,9 @@ def make_loader(name_or_dir: str | os.PathLike, batch: int, image_size: int = 32
         config = {"data": os.path.abspath(os.path.expanduser(name)), "split": split}
     else:
         raise SymtoolsError(
-            f"unknown data {name!r}: give 'digits' (bundled, no download) or an existing image folder "
-            "(Tiny-ImageNet style DIR/train/<class>/images/*.JPEG, or DIR/<class>/*.png)"
+            f"unknown data {name!r}: give 'digits' (bundled, no download), an existing image folder "
+            "(Tiny-ImageNet style DIR/train/<class>/images/*.JPEG, or DIR/<class>/*.png), or 'stdlib-text' "
+            "(byte windows of Python standard-library source, for language models)"
         )
     config.update(image_size=image_size, channels=channels)
     return BatchStream(ds, batch, seed, shuffle=shuffle, config=config)

@@ -15,8 +15,9 @@ What it records and why it hooks the torch optimizer: :mod:`symtools.integration
   (biases and norm weights without weight decay), fused or foreach optimizers and an fp16 GradScaler's skipped
   steps are all seen as the optimizer applies them.
 
-The graph walk (``find_symmetries``) does not yet see through transformers models: pass a ``SymmetryMap``
-(e.g. :func:`swiglu_rescale` for Llama-style MLPs). Without one it tries, and warns when it finds nothing.
+Without a ``SymmetryMap`` the groups come from ``find_symmetries`` (the ATen-graph walk sees through transformers
+models, with HF's (N, T, V) logits' classes on the last axis); it warns when it finds nothing. Pass a map to
+follow fewer (e.g. :func:`swiglu_rescale` for Llama-style MLPs).
 Needs ``transformers`` and ``accelerate`` (the ``symtools[hf]`` extra).
 """
 

@@ -38,13 +38,13 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
 from symtools.errors import SymtoolsError
 from symtools.nn.groups import Blocked, GroupSet, SymmetryMap, TensorSlice
@@ -417,7 +417,10 @@ class _Walk:
         """c of the ε law ⟨g_A, θ_A⟩ = c·ε·∂L/∂ε of a scale group reaching norm ``nxt`` through ``path``,
         derived by :func:`symtools.symbolic.normalization.epsilon_law` (cached); None (and the walk blocked
         there) when the engine cannot derive one."""
-        from symtools.symbolic.normalization import EpsilonLawError, epsilon_factor  # SymPy only when needed
+        from symtools.symbolic.normalization import (  # SymPy only when needed
+            EpsilonLawError,
+            epsilon_factor,
+        )
 
         try:
             return epsilon_factor(path.degree, norm)
@@ -505,19 +508,55 @@ def trace(model: nn.Module, example_input: torch.Tensor) -> fx.GraphModule:
     return gm
 
 
-def find_symmetries(model: nn.Module, example_input: torch.Tensor, loss: str = "cross_entropy") -> SymmetryMap:
-    """All translation, scale and rescale groups of ``loss(model(x), y)`` that the graph shows (module docstring).
+def find_symmetries(model: nn.Module, example_input: torch.Tensor, loss: str = "cross_entropy",
+                    walk: str = "auto") -> SymmetryMap:
+    """All translation, scale and rescale groups of ``loss(model(x), y)`` that the graph shows (module docstring),
+    and the attention heads' matrix groups.
 
     ``loss``: ``"cross_entropy"`` (softmax of the returned logits over axis 1) or ``"mse"`` (no symmetry of
     its own). Groups come in graph order; :attr:`SymmetryMap.blocked` lists where the walk stopped.
+    ``walk``: ``"fx"`` (this module's walk over modules), ``"aten"`` (:mod:`symtools.nn.aten_walk`, over the
+    ``torch.export`` graph: residual streams, transformers, normalisations written as ops), or ``"auto"``: fx
+    where it sees the whole model without stopping (the same groups, faster), the ATen walk otherwise (and for
+    Hugging Face models); the ATen walk's :attr:`~SymmetryMap.blocked` then says where its candidates broke.
     """
     if loss not in LOSSES:
         raise SymtoolsError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
-    gm = trace(model, example_input)
-    walk = _Walk(model, gm, loss)
+    if walk not in WALKS:
+        raise SymtoolsError(f"unknown walk {walk!r}; choose one of {', '.join(WALKS)}")
+    if walk == "aten" or (walk == "auto" and _needs_aten(model)):
+        return _aten_symmetries(model, example_input, loss)
+    gm = trace(model, example_input)  # fx's errors stand: export would silently specialise `if x.sum() > 0`
+    fx_walk = _Walk(model, gm, loss)
     for node in gm.graph.nodes:
-        src = walk.source(node) if node.op == "call_module" else None
+        src = fx_walk.source(node) if node.op == "call_module" else None
         if src is not None:
-            walk.follow(src)
-    walk.drop_shared(model.named_parameters(remove_duplicate=False))
-    return walk.found
+            fx_walk.follow(src)
+    fx_walk.drop_shared(model.named_parameters(remove_duplicate=False))
+    if walk == "auto" and fx_walk.found.blocked:  # fx stopped somewhere: see through modules (and say why there)
+        return _aten_symmetries(model, example_input, loss)
+    return fx_walk.found
+
+
+WALKS = ("auto", "fx", "aten")
+
+
+def _needs_aten(model: nn.Module) -> bool:
+    """Models fx cannot follow: Hugging Face models (and anything on the meta device)."""
+    p = next(model.parameters(), None)
+    return (p is not None and p.device.type == "meta") or any(
+        type(m).__module__.startswith("transformers.") for m in model.modules())
+
+
+def _aten_symmetries(model: nn.Module, example_input: torch.Tensor, loss: str) -> SymmetryMap:
+    from symtools.nn.aten_graph import export
+    from symtools.nn.aten_walk import find_from_graph
+    from symtools.nn.attention_groups import attention_groups
+
+    g = export(model, example_input)
+    # a transformers model called directly returns its logits as (N, T, V); symtools' CausalLM (and every image
+    # model) puts the classes on axis 1
+    raw_hf = type(model).__module__.startswith("transformers.")
+    found = find_from_graph(g, loss, class_axis=-1 if raw_hf else 1)
+    attention_groups(g, found)
+    return found

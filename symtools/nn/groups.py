@@ -9,8 +9,9 @@ no loop over neurons.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class GroupSet:
     note: str = ""
     #: name of the BatchNorm (or LayerNorm) module whose ε breaks this group's symmetry exactly (scale groups
     #: feeding a norm), or None. The checker (and the monitor through it) adds the predicted ε term.
-    epsilon_of: str | None = None
+    epsilon_of: str | tuple[str, ...] | None = None  # several: a residual stream read by several norms
     #: c of that ε law, ⟨g_A, θ_A⟩ = c·ε·∂L/∂ε_c: scaling θ_A by a scales the norm's input by a^k (k the
     #: path's homogeneity degree), which ε' = ε·a^(−2k) undoes, so c = −2k, derived by
     #: :func:`symtools.symbolic.normalization.epsilon_factor` (−2 for the usual degree-1 path, −4 for
@@ -48,6 +49,52 @@ class GroupSet:
 
     def params(self) -> list[str]:
         return sorted({t.param for ts in self.slots.values() for t in ts})
+
+
+@dataclass(frozen=True)
+class MatrixPiece:
+    """A block of one parameter seen as a matrix, for a matrix-family slot.
+
+    A 2-D parameter is its own matrix; a 1-D parameter (a bias) is one row ``(1, n)``. ``rows``/``cols`` are
+    half-open ranges ``(start, stop)`` of that matrix (``None``: all of them); ``transpose`` transposes the
+    block afterwards. Example: head i of a torch ``nn.Linear`` query projection seen as the d_model × d_head
+    matrix W_Q of ``x W_Q``: ``MatrixPiece("q_proj.weight", rows=(i*dh, (i+1)*dh), transpose=True)``; its bias
+    as the extra row of an augmented ``[W_Q; b_Q]``: ``MatrixPiece("q_proj.bias", cols=(i*dh, (i+1)*dh))``.
+    """
+
+    param: str
+    rows: tuple[int, int] | None = None
+    cols: tuple[int, int] | None = None
+    transpose: bool = False
+
+
+@dataclass(frozen=True)
+class MatrixGroupSet:
+    """``len(groups)`` groups of a matrix family (``symtools.symbolic.library.MATRIX``: attention_qk,
+    attention_vo, gl_linear_pair, rotation_pair) at one site of a model.
+
+    ``groups[k]`` maps each slot of the family (e.g. ``W_Q``, ``W_K``) to its pieces; the pieces of a slot are
+    joined along ``stack[slot]``: ``"rows"`` (stacked vertically: the bias row under a weight, or the query
+    heads that share one key/value head) or ``"cols"`` (side by side: the output-projection blocks of those
+    query heads). Every group of a set has the same piece shapes, so a quantity of all groups is one batched
+    matrix product. ``algebra``: a ``(r, h, h)`` float64 basis of the Lie subalgebra the group runs through
+    (e.g. the matrices that commute with a rotary embedding's rotations), or ``None`` for the family's whole
+    algebra (gl_h: dimension h², so_h: h(h−1)/2).
+    """
+
+    family: str
+    layer: str
+    groups: tuple[Mapping[str, tuple[MatrixPiece, ...]], ...]
+    stack: Mapping[str, str]
+    algebra: Any = None
+    note: str = ""
+
+    @property
+    def count(self) -> int:
+        return len(self.groups)
+
+    def params(self) -> list[str]:
+        return sorted({p.param for g in self.groups for pieces in g.values() for p in pieces})
 
 
 @dataclass
@@ -64,6 +111,8 @@ class SymmetryMap:
 
     group_sets: list[GroupSet] = field(default_factory=list)
     blocked: list[Blocked] = field(default_factory=list)
+    #: groups of matrix families (attention heads); checked by :mod:`symtools.numeric.matrix_checks`
+    matrix_sets: list[MatrixGroupSet] = field(default_factory=list)
 
     def families(self) -> dict[str, int]:
         out: dict[str, int] = {}

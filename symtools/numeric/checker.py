@@ -44,7 +44,7 @@ from symtools.numeric import groupops
 from symtools.numeric.groupops import ACC, group_view
 from symtools.numeric.precision import ieee_float32
 from symtools.numeric.roundoff import _mse_tangent, _mse_terms
-from symtools.numeric.second_order import SecondOrder
+from symtools.numeric.second_order import SecondOrder, rms_epsilon
 
 SAFETY = 4.0  # bound = SAFETY × unit round-off × term magnitudes (each × √(terms summed); docs/checker.md)
 GRAY = 10.0  # below float64, ratios in (1, GRAY] are inconclusive rather than failing
@@ -153,12 +153,14 @@ class _Family:
         norms = dict(model.named_modules())
         self.eps_of = []
         for gs in group_sets:
-            norm = norms.get(gs.epsilon_of) if gs.epsilon_of else None
+            names = (gs.epsilon_of,) if isinstance(gs.epsilon_of, str) else tuple(gs.epsilon_of or ())
+            found = [(n, norms.get(n)) for n in names]
             # BatchNorm's ε law is a law of batch statistics; running statistics do not scale
-            if norm is None or (isinstance(norm, _BatchNorm) and bn != "batch"):
+            if not names or any(m is None or (isinstance(m, _BatchNorm) and bn != "batch") for _, m in found):
                 self.eps_of.append(None)
-            else:  # (norm name, ε, −c) with ⟨g_A, θ_A⟩ = c·ε·∂L/∂ε (c = −2k, derived by the engine)
-                self.eps_of.append((gs.epsilon_of, float(norm.eps), -float(gs.epsilon_factor)))
+            else:  # (norm names, their ε, −c) with ⟨g_A, θ_A⟩ = c·Σ_n ε_n·∂L/∂ε_n (c = −2k, derived by the engine)
+                eps = tuple(float(m.eps) if rms_epsilon(m) is None else rms_epsilon(m) for _, m in found)
+                self.eps_of.append((names, eps, -float(gs.epsilon_factor)))
 
     @property
     def count(self) -> int:
@@ -230,7 +232,7 @@ def check(model: nn.Module, inputs: Tensor, targets: Tensor, symmetries: Symmetr
         so.release()  # the graph and the hooks that close over it
     families = {name: _family_result(fam, grad_res, hess.ratio, hess.rel, precision.bound_rel, precision.gray,
                                      first.mags, directions, per_group) for name, fam in fams.items()}
-    return CheckReport(
+    report = CheckReport(
         families=families,
         tolerance=precision.describe(),
         settings={"loss": loss_name, "bn": bn, "weight_decay": weight_decay, "batch": int(inputs.shape[0]),
@@ -239,6 +241,13 @@ def check(model: nn.Module, inputs: Tensor, targets: Tensor, symmetries: Symmetr
               "per_group_naive": sum(f.groups for f in families.values())},
         loss=float(so.loss),
     )
+    if getattr(symmetries, "matrix_sets", None):  # attention heads, linear pairs: symtools.numeric.matrix_checks
+        from symtools.numeric.matrix_checks import add_to_report, check_matrix_sets
+
+        add_to_report(report, check_matrix_sets(model, inputs, targets, symmetries.matrix_sets, loss=loss, bn=bn,
+                                                weight_decay=weight_decay, seed=seed, directions=directions,
+                                                modules=modules, per_group=per_group, progress=progress))
+    return report
 
 
 def _in_check_dtype(model: nn.Module, inputs: Tensor, targets: Tensor, loss, dtype: torch.dtype | None):
@@ -393,11 +402,22 @@ def _gradient_residual(fam: _Family, gs: GroupSet, eps_info, params, grads, eps_
     return _epsilon_corrected(r, gs, eps_info, eps_grads)
 
 
+def _epsilon_term(gs: GroupSet, eps_info, per_norm: Mapping[str, Tensor], absolute: bool = False) -> Tensor | None:
+    """c·Σ_n ε_n·X_n per group (|c|·Σ ε_n·X_n when ``absolute``) for the norms of ``eps_info`` present in
+    ``per_norm``; None when none is."""
+    names, eps, factor = eps_info
+    total = None
+    for name, e in zip(names, eps):
+        if name in per_norm:
+            term = (abs(factor) if absolute else factor) * e * per_norm[name].to(ACC).reshape(-1)
+            total = term if total is None else total + term
+    return None if total is None else total.expand(gs.count)
+
+
 def _epsilon_corrected(r: Tensor, gs: GroupSet, eps_info, eps_grads):
     if eps_info is None:
         return r, None
-    norm, eps, factor = eps_info
-    return r + factor * eps * eps_grads[norm].to(ACC).reshape(-1).expand(gs.count), r  # ⟨g_A, θ_A⟩ = c·ε·∂L/∂ε
+    return r + _epsilon_term(gs, eps_info, eps_grads), r  # ⟨g_A, θ_A⟩ = c·Σ ε·∂L/∂ε
 
 
 def _gradient_test(fam: _Family, gs: GroupSet, eps_info, params, grads, eps_grads, mags, eps_mags, g_rms):
@@ -409,9 +429,9 @@ def _gradient_test(fam: _Family, gs: GroupSet, eps_info, params, grads, eps_grad
                                   [(grads, False), (grads, True), (mags if covered else _ones(gs, params), True)])
     terms = terms + (extra if covered else g_rms * extra)
     r, raw = _epsilon_corrected(r, gs, eps_info, eps_grads)
-    if eps_info is not None and eps_info[0] in eps_mags:
-        norm, eps, factor = eps_info
-        terms = terms + abs(factor) * eps * eps_mags[norm].to(ACC).reshape(-1).expand(gs.count)
+    extra_eps = None if eps_info is None else _epsilon_term(gs, eps_info, eps_mags, absolute=True)
+    if extra_eps is not None:
+        terms = terms + extra_eps
     return r, terms, raw
 
 
@@ -428,12 +448,27 @@ def _hessian_residual(fam: _Family, gs: GroupSet, eps_info, params, grads, hv, h
     if covered:  # K applied to the gradient's own round-off scale
         terms = terms + _weighted_sum(fam.module, "hessian_coupling", gs, params, mags, u, absolute=True)
     if eps_info is not None:
-        norm, eps, factor = eps_info
-        if norm in h_eps:
-            rho = rho + factor * eps * h_eps[norm].to(ACC).reshape(-1).expand(gs.count)
-        if norm in eps_mags_h:
-            terms = terms + abs(factor) * eps * eps_mags_h[norm].to(ACC).reshape(-1).expand(gs.count)
+        d_rho = _epsilon_term(gs, eps_info, h_eps)
+        if d_rho is not None:
+            rho = rho + d_rho
+        d_terms = _epsilon_term(gs, eps_info, eps_mags_h, absolute=True)
+        if d_terms is not None:
+            terms = terms + d_terms
     return rho, terms
+
+
+def classify(g_ratio: Tensor, h_ratio: Tensor, gray: float, counts: dict[str, int]) -> tuple[list, list, Tensor]:
+    """Per group of one set: (failing indices, inconclusive indices, Hessian-failing mask) from the gradient and
+    Hessian ratios residual/bound (FAIL above ``gray``, inconclusive in (1, gray]); adds to ``counts``."""
+    g_fail, h_fail = g_ratio > gray, h_ratio > gray
+    g_inc, h_inc = (g_ratio > 1) & ~g_fail, (h_ratio > 1) & ~h_fail
+    failing = torch.nonzero(g_fail | h_fail).flatten().tolist()
+    inconclusive = torch.nonzero((g_inc | h_inc) & ~(g_fail | h_fail)).flatten().tolist()
+    counts["g_fail"] += int(g_fail.sum())
+    counts["g_inc"] += int(g_inc.sum())
+    counts["h_fail"] += int(h_fail.sum())
+    counts["h_inc"] += int(h_inc.sum())
+    return failing, inconclusive, h_fail
 
 
 def _family_result(fam: _Family, grad_res, hess_ratio, hess_rel, bound_rel, gray, mags, directions,
@@ -453,14 +488,7 @@ def _family_result(fam: _Family, grad_res, hess_ratio, hess_rel, bound_rel, gray
         if raw is not None:
             eps_rel = float((raw.abs() / terms.clamp_min(1e-300)).max()) if raw.numel() else 0.0
             worst_eps = max(worst_eps or 0.0, eps_rel)
-        g_fail, h_fail = g_ratio > gray, h_ratio > gray
-        g_inc, h_inc = (g_ratio > 1) & ~g_fail, (h_ratio > 1) & ~h_fail
-        failing = torch.nonzero(g_fail | h_fail).flatten().tolist()
-        inconclusive = torch.nonzero((g_inc | h_inc) & ~(g_fail | h_fail)).flatten().tolist()
-        counts["g_fail"] += int(g_fail.sum())
-        counts["g_inc"] += int(g_inc.sum())
-        counts["h_fail"] += int(h_fail.sum())
-        counts["h_inc"] += int(h_inc.sum())
+        failing, inconclusive, h_fail = classify(g_ratio, h_ratio, gray, counts)
         for j in torch.nonzero(h_fail).flatten().tolist()[:MAX_LOCATED]:
             located.append({"layer": gs.layer, "set": fam.sets.index(gs), "group": j})
         mx = (lambda t: float(t.max()) if t.numel() else 0.0)

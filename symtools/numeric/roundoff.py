@@ -15,6 +15,7 @@ that make up ∂L/∂z at the operation consuming z (through elementwise, poolin
 which add no sums; :func:`torch.autograd.grad` carries D_z back through them):
 
 - a Linear/Conv consumer y = W·t:         D_t = |W|ᵀ·|∂L/∂y|          (the products of the sum Wᵀ∂L/∂y)
+- any other path (attention, products): at least |∂L/∂z| itself (the carry through signed Jacobians can cancel)
 - a normalisation consumer x̂ = (t − μ)/σ: D_t = |γ|/σ·(|∂L/∂y| + mean|∂L/∂y| + X̂·mean(|∂L/∂y|·X̂)),
   X̂ = (|t| + |μ|)/σ the terms of t − μ (the three terms of the projection ∂L/∂t, and of its two means)
 - the loss: cross-entropy (p − y)/N has terms (p + y)/N (a saturated softmax: p − y ≪ p + y);
@@ -264,8 +265,14 @@ class TermMagnitudes:
         for i in range(len(self.sites) - 1, -1, -1):
             site = self.sites[i]
             d_z = self._carry(upstream, site.z)
+            own = site.dz_dot if tangent else site.dz  # the quantity itself: its terms are at least this large
             if d_z is None:  # no consumer seen (an output not reaching the loss through a known path)
-                d_z = (torch.zeros_like(site.z) if tangent or site.dz is None else site.dz.abs())
+                d_z = torch.zeros_like(site.z) if own is None else own.abs()
+            elif own is not None:
+                # the carry |Jᵀ·D| equals |J|ᵀ·D through masks and routings only; through an op with signed
+                # Jacobian entries (attention: the softmax's rows sum to zero) it can cancel to nothing along the
+                # very direction a symmetry makes vanish, so it is floored by the quantity's own size
+                d_z = torch.maximum(d_z, own.detach().abs())
             outs[i] = d_z
             d_in = self._site(site, d_z, first[i] if first else None, mags, eps_mags, direction)
             upstream = (site.x, d_in)
@@ -384,18 +391,21 @@ class TermMagnitudes:
 # -- the loss's terms (data-driven: a loss name or a callable's ``term_magnitudes`` attribute)
 
 def _cross_entropy_terms(out: Tensor, targets: Tensor) -> Tensor | None:
-    if out.dim() != 2 or targets.dim() != 1 or targets.is_floating_point():
+    """Classes on axis 1: (N, C) logits with (N,) targets, or (N, C, T…) with (N, T…) (a language model's
+    (N, V, T)); the mean runs over every target."""
+    if out.dim() < 2 or targets.dim() != out.dim() - 1 or targets.is_floating_point():
         return None
     p = torch.softmax(out.detach(), dim=1)
-    return (p + F.one_hot(targets, out.shape[1]).to(p.dtype)) / out.shape[0]
+    one_hot = F.one_hot(targets, out.shape[1]).to(p.dtype).movedim(-1, 1)
+    return (p + one_hot) / targets.numel()
 
 
 def _cross_entropy_tangent(out: Tensor, targets: Tensor, out_dot: Tensor) -> Tensor | None:
-    if out.dim() != 2:
+    if out.dim() < 2:
         return None
     p = torch.softmax(out.detach(), dim=1)
     ld = out_dot.abs()
-    return p * (ld + (p * ld).sum(1, keepdim=True)) / out.shape[0]
+    return p * (ld + (p * ld).sum(1, keepdim=True)) / (out.numel() // out.shape[1])
 
 
 def _mse_terms(out: Tensor, targets: Tensor) -> Tensor:

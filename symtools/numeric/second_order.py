@@ -21,7 +21,9 @@ from typing import Callable, Mapping
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from symtools.errors import SymtoolsError
 from symtools.numeric.bn_epsilon import batch_norm_batch_stats
 from symtools.numeric.conv_hessian import fast_second_order
 from symtools.numeric.evaluation import _loss_function, batchnorm_modules, evaluation_mode
@@ -54,6 +56,8 @@ class SecondOrder:
         for name, m in model.named_modules():
             if isinstance(m, nn.LayerNorm):
                 hooks.append(m.register_forward_hook(self._make_ln_hook(name)))
+            elif rms_epsilon(m) is not None:
+                hooks.append(m.register_forward_hook(self._make_rms_hook(name)))
         self.magnitudes = None
         if magnitudes:  # after the normalisation hooks above: the sites see the outputs used
             self.magnitudes = TermMagnitudes(self.params, bn_batch=(bn == "batch"), weight_decay=weight_decay,
@@ -63,7 +67,8 @@ class SecondOrder:
         try:
             # a graph to differentiate twice: convolutions' second derivatives from the standard kernels
             twice = fast_second_order() if create_graph else contextlib.nullcontext()
-            with evaluation_mode(model, bn), twice:
+            # attention through the math kernel: the fused CPU/GPU kernels have no double backward
+            with evaluation_mode(model, bn), twice, sdpa_kernel([SDPBackend.MATH]):
                 out = functional_call(model, self.params, (inputs,))
         finally:
             for h in hooks:
@@ -107,6 +112,20 @@ class SecondOrder:
                                             requires_grad=True)
                 self.eps_value[name] = float(mod.eps)
             return _layer_norm(x, len(mod.normalized_shape), mod.weight, mod.bias, self.eps[name])
+        return hook
+
+    def _make_rms_hook(self, name: str) -> Callable:
+        def hook(mod, args, output):
+            x = args[0]
+            if name not in self.eps:
+                eps = rms_epsilon(mod)
+                self.eps[name] = torch.full((1,), eps, dtype=x.dtype, device=x.device, requires_grad=True)
+                self.eps_value[name] = eps
+            y = rms_norm(x, mod.weight, self.eps[name])
+            if not torch.allclose(y.detach().to(output.dtype), output.detach(), rtol=1e-4, atol=1e-5):
+                raise SymtoolsError(f"{name} ({type(mod).__name__}) is not x·rsqrt(mean(x²) + ε)·γ: its ε law "
+                                    f"cannot be evaluated")
+            return y.to(output.dtype) if output.dtype != x.dtype else y
         return hook
 
     @property
@@ -179,6 +198,24 @@ class SecondOrder:
         if not with_eps:
             return hv
         return hv, {k: (torch.zeros_like(self.eps[k]) if o is None else o.detach()) for k, o in zip(eps_names, out[n:])}
+
+
+def rms_epsilon(module: nn.Module) -> float | None:
+    """ε of an RMSNorm module (torch's ``nn.RMSNorm``, or a module named ``…RMSNorm`` with a weight and a
+    ``variance_epsilon``/``eps``, as Hugging Face writes them), or None for any other module."""
+    if isinstance(module, getattr(nn, "RMSNorm", ())) or type(module).__name__.endswith("RMSNorm"):
+        eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+        if eps is None and isinstance(module, getattr(nn, "RMSNorm", ())):
+            eps = torch.finfo(module.weight.dtype).eps if module.weight is not None else None
+        if isinstance(eps, (int, float)) and getattr(module, "weight", None) is not None:
+            return float(eps)
+    return None
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: Tensor) -> Tensor:
+    """``x·rsqrt(mean(x²) + ε)·γ`` over the last axis, in x's dtype (Hugging Face computes it in float32 even in a
+    float64 model: evaluated here in float64, the identities hold to float64 round-off), ε differentiable."""
+    return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps) * weight
 
 
 def _layer_norm(x: Tensor, dims: int, weight: Tensor | None, bias: Tensor | None, eps: Tensor) -> Tensor:
