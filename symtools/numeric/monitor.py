@@ -50,6 +50,7 @@ from symtools.numeric.monitor_laws import (
     buffer_key,
     split_by_param_group,
 )
+from symtools.numeric.monitor_matrix import MatrixLaws
 from symtools.numeric.monitor_plan import FusedPlan, Site, charge_module, law_module
 
 QUANTITIES = schema.LAW_QUANTITIES
@@ -143,6 +144,8 @@ class Monitor:
         self._acc: Tensor | None = None
         self._cont: Tensor | None = None
         self._open_streams(ctx)
+        wanted = [ms for ms in self.symmetries.matrix_sets if not self.families or ms.family in self.families]
+        self._matrix = MatrixLaws(wanted, ctx.optimizer, self._params, kind, self._warn, ctx.records)
         self._state_dir = Path(ctx.out_dir) / "monitor"
         if ctx.start_step:
             self._restore(ctx, ctx.start_step)
@@ -245,6 +248,8 @@ class Monitor:
         self._flush()
 
     def before_step(self, ctx) -> None:
+        if getattr(self, "_matrix", None) is not None:
+            self._matrix.before(ctx.optimizer, self._params)
         if self._plan is None or self._plan.before is None:
             return
         plan = self._plan
@@ -264,6 +269,8 @@ class Monitor:
 
     def after_step(self, ctx) -> None:
         step = ctx.step
+        if getattr(self, "_matrix", None) is not None:
+            self._matrix.after(step, self._params)
         if self._plan is None:
             self._laws.append([float(step)])
             return
@@ -486,6 +493,7 @@ class Monitor:
                                            if self.excluded_family else None),
             "continuous_exclusion_rule": EXCLUSION_RULE,
             "families": families,
+            "matrix_families": self._matrix.summary() if getattr(self, "_matrix", None) is not None else {},
             "monitor_warnings": self.warnings,
         }
 

@@ -53,17 +53,18 @@ import numpy as np
 from symtools.errors import SymtoolsError
 
 __all__ = [
-    "LAWS_STREAM", "IDENTITIES_STREAM", "GROUPS_PREFIX", "STEP",
+    "LAWS_STREAM", "MATRIX_LAWS_STREAM", "IDENTITIES_STREAM", "GROUPS_PREFIX", "STEP", "MATRIX_LAW_QUANTITIES",
     "LAW_QUANTITIES", "RESIDUALS", "EXCLUDED", "LAW_COLUMN_QUANTITIES", "GROUP_QUANTITIES", "IDENTITY_QUANTITIES",
     "Site", "LawColumn", "GroupColumn", "IdentityColumn", "LawSeries", "GroupSeries",
     "residual", "groups_stream", "groups_family",
     "law_column", "law_columns", "group_column", "group_columns", "groups_meta", "identity_column",
-    "identity_columns",
+    "identity_columns", "matrix_law_columns",
     "parse_law_column", "parse_group_column", "parse_identity_column", "parse_sites",
     "read_laws", "read_groups", "worst_residuals",
 ]
 
 LAWS_STREAM = "laws"
+MATRIX_LAWS_STREAM = "matrix_laws"
 IDENTITIES_STREAM = "identities"
 GROUPS_PREFIX = "groups_"
 STEP = "step"  # column 0 of every stream
@@ -80,6 +81,9 @@ LAW_COLUMN_QUANTITIES = LAW_QUANTITIES + tuple(f"residual_{q}" for q in RESIDUAL
 GROUP_QUANTITIES = LAW_QUANTITIES
 #: the per-family columns of the ``identities`` stream
 IDENTITY_QUANTITIES = ("gradient", "hessian", "pass")
+#: per matrix set (attention heads) and step: the largest residual of the per-step law with every term measured,
+#: and with the gradient identity's terms set to 0 (symtools.numeric.monitor_matrix)
+MATRIX_LAW_QUANTITIES = ("max_rel_residual", "max_rel_residual_symmetry")
 
 _DIGITS = re.compile(r"[0-9]+")
 
@@ -177,6 +181,13 @@ def law_columns(sites: Iterable[Sequence]) -> list[str]:
     """Every column of the ``laws`` stream, ``step`` first, then per site (in the order given) its
     LAW_COLUMN_QUANTITIES. A site is ``(family, index, layer, count)`` (count unused here)."""
     return [STEP] + [law_column(s.family, s.index, s.layer, q) for s in _sites(sites) for q in LAW_COLUMN_QUANTITIES]
+
+
+def matrix_law_columns(sets: Iterable[tuple[str, int, str]]) -> list[str]:
+    """Every column of the ``matrix_laws`` stream: ``step``, then per set ``(family, index, layer)`` its
+    MATRIX_LAW_QUANTITIES, named like the ``laws`` stream's columns (``family|index|layer|quantity``)."""
+    return [STEP] + [f"{_field('family', f)}|{_number('set index', i)}|{_field('layer', layer, empty=True)}|{q}"
+                     for f, i, layer in sets for q in MATRIX_LAW_QUANTITIES]
 
 
 def group_column(quantity: str, index: int, k: int) -> str:
