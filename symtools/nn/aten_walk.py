@@ -36,6 +36,7 @@ from symtools.nn.scale_flow import (
     NeedReader,
     NeedWriters,
     Scaled,
+    along_axis,
     live_nodes,
     propagate,
 )
@@ -172,12 +173,13 @@ class _Walk:
                     return new, cand.writers
                 vec = None
                 if per_unit:
-                    from symtools.nn.scale_flow import _vector
-
-                    vec = _vector(need.state, need.axis, need.node, "the residual add").label.reshape(-1)
+                    vec = along_axis(need.state, need.axis, need.node, "the residual add").label.reshape(-1)
                 for w in new:
                     if any(w.node is c.node for c in cand.writers):
                         return Broken(need.node, "a residual stream feeds back into itself"), cand.writers
+                    if any(name in cand.params for name, _ in w.params):  # (h + W·h: W reads and writes the units)
+                        return Broken(need.node, f"{self.label(w.node)} both reads the units and writes them back: "
+                                                 f"only a similarity D·W·D⁻¹ would undo it"), cand.writers
                     if per_unit and (w.channels != vec.numel() or not torch.equal(vec, torch.arange(n))):
                         return Broken(need.node, f"{self.label(w.node)} adds units in another order"), cand.writers
                     cand.writers.append(w)
@@ -293,26 +295,24 @@ class _Walk:
         if self.loss != "cross_entropy":
             return
         for w in self.writers:
-            where = self.label(w.node)
             if w.bias:
-                nd_b = 1
-                if self._shifts({w.bias: frozenset()}, where):
+                if self._shifts({w.bias: frozenset()}):
                     self._translation(w, [TensorSlice(w.bias, 0)], w.channels, "per unit: its shift is removed")
-                elif self._shifts({w.bias: frozenset(range(nd_b))}, where):
+                elif self._shifts({w.bias: frozenset({0})}):
                     self._translation(w, [TensorSlice(w.bias, None)], 1, "the whole bias: a common shift is removed")
             if w.columns:
                 param, axis = w.columns
                 shape = _param_shape(self.g, param)
-                if self._shifts({param: frozenset({1 - axis})}, where):
+                if self._shifts({param: frozenset({1 - axis})}):
                     self._translation(w, [TensorSlice(param, axis)], shape[axis],
                                       "each input feature's weights: adds c·x_j to every unit, which is removed")
             if w.rows_shift:
                 shape = _param_shape(self.g, w.rows_shift)
-                if self._shifts({w.rows_shift: frozenset({1})}, where):
+                if self._shifts({w.rows_shift: frozenset({1})}):
                     self._translation(w, [TensorSlice(w.rows_shift, 0)], shape[0],
                                       "each embedding row: shifts its token's features, which is removed")
 
-    def _shifts(self, params: dict[str, frozenset[int]], where: str) -> bool:
+    def _shifts(self, params: dict[str, frozenset[int]]) -> bool:
         try:
             propagate_shift(self.g, params, self.live, self.class_axis)
         except Broken:  # most writers have no translation (a ReLU follows): not worth a "blocked" line each

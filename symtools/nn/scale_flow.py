@@ -157,7 +157,7 @@ def _reduce(s: Scaled, dims: list[int], keepdim: bool, node: fx.Node, what: str)
     return Scaled(label, exp)
 
 
-def _vector(s: Scaled, axis: int, node: fx.Node, what: str) -> Scaled:
+def along_axis(s: Scaled, axis: int, node: fx.Node, what: str) -> Scaled:
     """The factor along ``axis`` only: it must not vary along the other axes."""
     axis %= s.label.dim()
     return _reduce(s, [d for d in range(s.label.dim()) if d != axis], True, node, what)
@@ -349,7 +349,7 @@ def _contract(ctx: _Ctx, node: fx.Node, x: Any, w: Any, w_in_axis: int, bias: An
     if sx is None and sw is None and sb is None:
         return None
     nd = ctx.ndim(node)
-    vx = None if sx is None else _vector(sx, -1, node, f"{what}: its input's factor varies over positions and")
+    vx = None if sx is None else along_axis(sx, -1, node, f"{what}: its input's factor varies over positions and")
     vx = None if vx is None else Scaled(vx.label.reshape(-1), vx.exp.reshape(-1))
     w_io = None if sw is None else (sw if w_in_axis == 0 else Scaled(sw.label.t(), sw.exp.t()))
     try:
@@ -392,7 +392,7 @@ def _conv(ctx: _Ctx, node: fx.Node) -> Any:
     nd = ctx.ndim(node)
     vx = None
     if sx is not None:
-        r = _vector(sx, 1, node, f"{what}: its input's factor varies over positions and")
+        r = along_axis(sx, 1, node, f"{what}: its input's factor varies over positions and")
         vx = Scaled(r.label.reshape(-1), r.exp.reshape(-1))
     w_io = None
     if sw is not None:
@@ -409,7 +409,7 @@ def _embedding(ctx: _Ctx, node: fx.Node) -> Any:
     sw = ctx.state(node.args[0])
     if sw is None:
         return None
-    v = _vector(sw, 1, node, f"{ctx.label(node)}: its rows carry different factors, so its output")
+    v = along_axis(sw, 1, node, f"{ctx.label(node)}: its rows carry different factors, so its output")
     nd = ctx.ndim(node)
     return Scaled(v.label.reshape([1] * (nd - 1) + [-1]), v.exp.reshape([1] * (nd - 1) + [-1]))
 
@@ -440,7 +440,7 @@ def _batch_norm(ctx: _Ctx, node: fx.Node) -> Any:
     if sx is not None:
         if not training:
             raise Broken(node, f"{ctx.label(node)} uses running statistics (eval mode): a fixed affine map")
-        v = _vector(sx, 1, node, f"{ctx.label(node)} normalises per channel, but the factor")
+        v = along_axis(sx, 1, node, f"{ctx.label(node)} normalises per channel, but the factor")
         fqn, cls = ctx.g.module_of(node)
         exps = v.exp.unique()
         if exps.numel() != 1:
