@@ -107,3 +107,21 @@ def _flatten(x: Any) -> list[Any]:
     if isinstance(x, (list, tuple)):
         return [y for item in x for y in _flatten(item)]
     return [x]
+
+
+def forward_states(g: ExportedGraph, params: dict, live: set[fx.Node], states: dict, rule) -> None:
+    """Fill ``states`` (node → abstract state) in graph order: parameters from ``params`` (name → state), every
+    live op that something with a state reaches from ``rule(node)`` (a None result: no state)."""
+    for node in g.graph.nodes:
+        if node.op == "placeholder":
+            name = g.param_of.get(node)
+            if name in params:
+                states[node] = params[name]
+            continue
+        if node.op != "call_function" or node not in live:
+            continue
+        if not any(a in states for a in node.all_input_nodes):
+            continue  # nothing transformed reaches this op
+        state = rule(node)
+        if state is not None:
+            states[node] = state

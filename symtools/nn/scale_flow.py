@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, fx
 
-from symtools.nn.aten_graph import ExportedGraph, op_name, shape_of
+from symtools.nn.aten_graph import ExportedGraph, forward_states, op_name, shape_of
 
 
 @dataclass
@@ -541,25 +541,16 @@ def propagate(g: ExportedGraph, params: dict[str, Scaled], live: set[fx.Node]) -
     unscaled. Raises :class:`Broken`, :class:`NeedWriters` or :class:`NeedReader`."""
     flow = Flow()
     ctx = _Ctx(g, flow, params)
-    for node in g.graph.nodes:
-        if node.op == "placeholder":
-            name = g.param_of.get(node)
-            if name in params:
-                flow.states[node] = params[name]
-            continue
-        if node.op != "call_function" or node not in live:
-            continue
-        if not any(a in flow.states for a in node.all_input_nodes):
-            continue  # nothing scaled reaches this op
-        name = op_name(node)
-        rule = RULES.get(name)
-        if rule is None:
+
+    def rule(node: fx.Node) -> Any:
+        found = RULES.get(op_name(node))
+        if found is None:
             if any(ctx.state(a) is not None for a in _tensor_args(node)):
                 raise Broken(node, f"{ctx.label(node)}: no rule for this op, so no symmetry is assumed through it")
-            continue
-        state = rule(ctx, node)
-        if state is not None:
-            flow.states[node] = state
+            return None
+        return found(ctx, node)
+
+    forward_states(g, params, live, flow.states, rule)
     for out in g.outputs:
         if ctx.state(out) is not None:
             raise Broken(out, "the scale reaches the logits: the loss is not invariant to it")

@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import fx
 
-from symtools.nn.aten_graph import ExportedGraph, op_name, shape_of
+from symtools.nn.aten_graph import ExportedGraph, forward_states, op_name, shape_of
 from symtools.nn.scale_flow import Broken, _tensor_args, live_nodes
 
 __all__ = ["live_nodes", "propagate_shift"]
@@ -202,19 +202,7 @@ def propagate_shift(g: ExportedGraph, params: dict[str, frozenset[int]], live: s
     ``g``; returns if every user output's change is constant along ``class_axis`` (the cross-entropy removes
     it), else raises :class:`Broken`."""
     ctx = _Ctx(g, params)
-    for node in g.graph.nodes:
-        if node.op == "placeholder":
-            name = g.param_of.get(node)
-            if name in params:
-                ctx.states[node] = params[name]
-            continue
-        if node.op != "call_function" or node not in live:
-            continue
-        if not any(a in ctx.states for a in node.all_input_nodes):
-            continue  # nothing shifted reaches this op
-        s = _rule(ctx, node)
-        if s is not None:
-            ctx.states[node] = s
+    forward_states(g, params, live, ctx.states, lambda node: _rule(ctx, node))
     for out in g.outputs:
         s = ctx.states.get(out)
         if s is not None and class_axis % max(ctx.nd(out), 1) not in s:

@@ -457,6 +457,20 @@ def _hessian_residual(fam: _Family, gs: GroupSet, eps_info, params, grads, hv, h
     return rho, terms
 
 
+def identity_summaries(worst: Mapping[str, float], counts: Mapping[str, int], bound_rel: float, directions: int,
+                       located: list) -> dict[str, dict]:
+    """The ``gradient`` and ``hessian`` entries of a family's result from its worst ratios and its counts."""
+    return {
+        "gradient": {"max_rel_residual": worst["g_rel"], "max_ratio": worst["g_ratio"],
+                     "pass": counts["g_fail"] == 0 and counts["g_inc"] == 0, "tolerance": bound_rel,
+                     "failing_groups": counts["g_fail"], "inconclusive_groups": counts["g_inc"]},
+        "hessian": {"rel_residual": worst["h_rel"], "max_ratio": worst["h_ratio"], "hvps": directions,
+                    "pass": counts["h_fail"] == 0 and counts["h_inc"] == 0, "tolerance": bound_rel,
+                    "failing_groups": counts["h_fail"], "inconclusive_groups": counts["h_inc"],
+                    "located": located, "directions": directions},
+    }
+
+
 def classify(g_ratio: Tensor, h_ratio: Tensor, gray: float, counts: dict[str, int]) -> tuple[list, list, Tensor]:
     """Per group of one set: (failing indices, inconclusive indices, Hessian-failing mask) from the gradient and
     Hessian ratios residual/bound (FAIL above ``gray``, inconclusive in (1, gray]); adds to ``counts``."""
@@ -505,11 +519,5 @@ def _family_result(fam: _Family, grad_res, hess_ratio, hess_rel, bound_rel, gray
                                     "feeding BatchNorm or LayerNorm; residuals above are after adding this exact term"}
     return FamilyResult(
         family=fam.name, groups=fam.count,
-        gradient={"max_rel_residual": worst["g_rel"], "max_ratio": worst["g_ratio"],
-                  "pass": counts["g_fail"] == 0 and counts["g_inc"] == 0, "tolerance": bound_rel,
-                  "failing_groups": counts["g_fail"], "inconclusive_groups": counts["g_inc"]},
-        hessian={"rel_residual": worst["h_rel"], "max_ratio": worst["h_ratio"], "hvps": directions,
-                 "pass": counts["h_fail"] == 0 and counts["h_inc"] == 0, "tolerance": bound_rel,
-                 "failing_groups": counts["h_fail"], "inconclusive_groups": counts["h_inc"],
-                 "located": located, "directions": directions},
+        **identity_summaries(worst, counts, bound_rel, directions, located),
         epsilon=eps_summary, layers=layers)

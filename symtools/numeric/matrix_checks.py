@@ -64,6 +64,7 @@ from symtools.numeric.checker import (
     _norm,
     _Precision,
     classify,
+    identity_summaries,
 )
 from symtools.numeric.matrix_slots import SlotLayout, slot_layout
 from symtools.numeric.precision import ieee_float32
@@ -346,13 +347,7 @@ def _family_result(name: str, tests: list[_SetTest], precision: _Precision, dire
             slot_shapes={s: list(v) for s, v in t.layout.shapes.items()}))
     return MatrixFamilyResult(
         family=name, groups=sum(t.layout.count for t in tests),
-        gradient={"max_rel_residual": worst["g_rel"], "max_ratio": worst["g_ratio"],
-                  "pass": counts["g_fail"] == 0 and counts["g_inc"] == 0, "tolerance": bound_rel,
-                  "failing_groups": counts["g_fail"], "inconclusive_groups": counts["g_inc"]},
-        hessian={"rel_residual": worst["h_rel"], "max_ratio": worst["h_ratio"], "hvps": directions,
-                 "pass": counts["h_fail"] == 0 and counts["h_inc"] == 0, "tolerance": bound_rel,
-                 "failing_groups": counts["h_fail"], "inconclusive_groups": counts["h_inc"],
-                 "located": located, "directions": directions},
+        **identity_summaries(worst, counts, bound_rel, directions, located),
         epsilon=None, layers=layers,
         dimension=sum(t.layout.count * t.proj.dimension for t in tests))
 
