@@ -485,3 +485,20 @@ def test_forced_zero_bias_is_judged_against_the_size_of_the_terms_it_sums():
     report = check(model, x, y, find_symmetries(model, x[:1]))
     layer = next(lr for lr in report.families["translation"].layers if lr.layer == "conv0 → norm0")
     assert layer.gradient_max_ratio <= 1 and layer.bound == "terms"
+
+
+def test_nan_weights_fail_instead_of_passing_quietly() -> None:
+    """A NaN in the weights makes every residual NaN; NaN > bound is False, which once read as PASS (ratio 0)."""
+    from symtools.nn.graph import find_symmetries
+    from symtools.nn.small import mlp
+
+    torch.manual_seed(0)
+    model = mlp(5, [4], 3).double()
+    x = torch.randn(6, 5, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,))
+    found = find_symmetries(model, x[:2])
+    assert check(model, x, y, found).verdict == "pass"
+    with torch.no_grad():
+        model.fc0.weight[0, 0] = float("nan")
+    report = check(model, x, y, found)
+    assert report.verdict == "fail" and all(f.verdict == "fail" for f in report.families.values())

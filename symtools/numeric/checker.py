@@ -495,9 +495,12 @@ def _family_result(fam: _Family, grad_res, hess_ratio, hess_rel, bound_rel, gray
     for gs in fam.sets:
         r, terms, raw = grad_res[id(gs)]
         g_rel = torch.where(terms > 0, r.abs() / terms.clamp_min(1e-300), torch.zeros_like(r))
+        # a NaN or infinite residual or bound (NaN weights, an overflow) is a FAIL, never a quiet 0
+        g_rel = torch.where(torch.isfinite(r) & torch.isfinite(terms), g_rel, torch.full_like(g_rel, math.inf))
         g_ratio = g_rel / bound_rel
         h_ratio = hess_ratio[id(gs)] if hess_ratio[id(gs)] is not None else torch.zeros_like(r)
         h_rel = hess_rel[id(gs)] if hess_rel[id(gs)] is not None else torch.zeros_like(r)
+        h_ratio, h_rel = (torch.nan_to_num(t, nan=math.inf) for t in (h_ratio, h_rel))
         eps_rel = None
         if raw is not None:
             eps_rel = float((raw.abs() / terms.clamp_min(1e-300)).max()) if raw.numel() else 0.0
