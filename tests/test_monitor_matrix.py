@@ -90,3 +90,19 @@ def test_a_set_across_param_groups_is_not_followed(tmp_path) -> None:
         monitor = run(model, SymmetryMap(matrix_sets=found.matrix_sets), opt, tmp_path, steps=2,
                       data=make_loader("stdlib-text", 2, seq_len=8, seed=0))
     assert monitor.on_end(None)["matrix_families"] == {}
+
+
+def test_layers_share_one_batched_pass_and_keep_their_own_columns(tmp_path) -> None:
+    """The two layers of the bundled llama: one pass per family (not per layer), one residual column per layer."""
+    from symtools.data.loader import make_loader
+    from symtools.numeric.records import read_stream
+
+    model = from_config_dir(bundled_config_dir("llama")).double()
+    found = find_symmetries(model, torch.zeros(1, 8, dtype=torch.long))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    monitor = run(model, found, opt, tmp_path, steps=3, data=make_loader("stdlib-text", 2, seq_len=8, seed=0))
+    assert sorted((s.ms.family, len(s.members)) for s in monitor._matrix.sets) == [("attention_qk", 2),
+                                                                                  ("attention_vo", 2)]
+    cols, rows = read_stream(tmp_path / "records", "matrix_laws")
+    assert len(cols) == 1 + 4 * 2 and rows.shape == (3, 9)
+    assert float(rows[:, 1:].max()) < ROUND_OFF

@@ -81,11 +81,16 @@ def quadratic_terms(law: ModuleType) -> dict[str, tuple[float, str, str]] | None
 
 @dataclass
 class _Set:
-    ms: MatrixGroupSet
+    """Matrix sets of one family, shapes, algebra and param group, merged: one batched pass for all their
+    groups (every layer of a transformer: no loop over layers on the per-step path)."""
+
+    ms: MatrixGroupSet      # the merged set (groups of every member, in order)
     layout: SlotLayout
     module: ModuleType
     components: Tensor      # (r, h, h): the symmetric elements S_k whose Q_k is recorded
     group: int              # index of the param group all its tensors sit in
+    members: list[int]      # indices (into MatrixLaws.members) of the sets merged here
+    member_of: Tensor       # (groups,): the member index of every group
 
 
 def _components(layout: SlotLayout) -> Tensor:
@@ -124,6 +129,7 @@ class MatrixLaws:
                  f"charge under {kind}")
             return
         owner = {id(p): i for i, pg in enumerate(optimizer.param_groups) for p in pg["params"]}
+        found: list[tuple[MatrixGroupSet, SlotLayout, Tensor, int]] = []
         for ms in matrix_sets:
             layout = slot_layout(ms, params)
             if not getattr(layout.module, "HAS_CHARGE", False):
@@ -133,11 +139,18 @@ class MatrixLaws:
                 warn(f"{ms.family} at {ms.layer}: its tensors sit in {len(groups)} param groups (e.g. biases without "
                      f"weight decay); its per-step law is not followed")
                 continue
-            self.sets.append(_Set(ms, layout, layout.module, _components(layout), groups.pop()))
-            self.worst.setdefault(ms.family, None)
+            found.append((ms, layout, _components(layout), groups.pop()))
+        self.members = [ms for ms, *_ in found]
+        for key, idx in _batches(found).items():
+            merged = MatrixGroupSet(key[0], f"{len(idx)} sets", tuple(g for i in idx for g in found[i][0].groups),
+                                    found[idx[0]][0].stack, found[idx[0]][0].algebra)
+            member_of = torch.tensor([i for i in idx for _ in found[i][0].groups])
+            layout = slot_layout(merged, params)
+            self.sets.append(_Set(merged, layout, layout.module, found[idx[0]][2], key[1], idx, member_of))
+            self.worst.setdefault(key[0], None)
         self.stream = None
-        if records is not None and self.sets:
-            columns = schema.matrix_law_columns((s.ms.family, i, s.ms.layer) for i, s in enumerate(self.sets))
+        if records is not None and self.members:
+            columns = schema.matrix_law_columns((ms.family, i, ms.layer) for i, ms in enumerate(self.members))
             self.stream = records.stream(schema.MATRIX_LAWS_STREAM, columns,
                                          "per matrix set: the largest relative residual of the per-step law of its "
                                          "conserved charge components, with every measured term (exact for any "
@@ -201,33 +214,49 @@ class MatrixLaws:
     def after(self, step: int, params: Mapping[str, Tensor]) -> None:
         if not self.sets or not self._pred:
             return
-        row = [float(step)]
+        per_member = torch.full((2, len(self.members)), float("nan"), dtype=ACC)
         for s, pred in zip(self.sets, self._pred):
             if pred is None:
-                row += [np.nan, np.nan]
                 continue
             theta = tuple(t.detach().to(ACC) for t in s.layout.assemble_tuple({n: params[n] for n in s.layout.params}))
             measured = self._project(s, self._charge(s, theta))
             scale = (self._scale(s, theta) + pred[1]).clamp_min(1e-300)
-            res, res_sym = ((float(((measured - p).abs() / scale).max()) if measured.numel() else 0.0)
-                            for p in (pred[0], pred[2]))
-            row += [res, res_sym]
+            res = torch.stack([((measured - p).abs() / scale).amax(dim=1) for p in (pred[0], pred[2])]).cpu()
+            into = s.member_of.expand(2, -1)
+            per_member.scatter_reduce_(1, into, res, "amax", include_self=False)  # the largest of each member set
             fam = s.ms.family
-            self.worst[fam] = res if self.worst.get(fam) is None else max(self.worst[fam], res)
-            self.worst_symmetry[fam] = (res_sym if self.worst_symmetry.get(fam) is None
-                                        else max(self.worst_symmetry[fam], res_sym))
+            for d, key in ((self.worst, 0), (self.worst_symmetry, 1)):
+                worst = float(res[key].max()) if res.numel() else 0.0
+                d[fam] = worst if d.get(fam) is None else max(d[fam], worst)
         self._pred = []
         if self.stream is not None:
-            self.stream.append(row)
+            self.stream.append(np.concatenate([[float(step)], per_member.T.reshape(-1).numpy()]))
 
     def summary(self) -> dict[str, dict]:
         out: dict[str, dict] = {}
         for s in self.sets:
-            entry = out.setdefault(s.ms.family, {"groups": 0, "components": 0, "max_rel_residual_discrete": None,
-                                                 "max_rel_residual_symmetry": None})
+            entry = out.setdefault(s.ms.family, {"sets": 0, "groups": 0, "components": 0,
+                                                 "max_rel_residual_discrete": None, "max_rel_residual_symmetry": None})
+            entry["sets"] += len(s.members)
             entry["groups"] += s.ms.count
             entry["components"] += s.ms.count * s.components.shape[0]
             entry["max_rel_residual_discrete"] = self.worst.get(s.ms.family)
             entry["max_rel_residual_symmetry"] = self.worst_symmetry.get(s.ms.family)
         return out
 
+
+
+def _batches(found) -> dict[tuple, list[int]]:
+    """Indices of the sets that can share one batched pass, keyed by (family, param group, …): the same family,
+    param group, slot shapes and stacking, and the same conserved components."""
+    out: dict[tuple, list[int]] = {}
+    reps: dict[tuple, Tensor] = {}
+    for i, (ms, layout, comps, group) in enumerate(found):
+        key = (ms.family, group, tuple(sorted(layout.shapes.items())), tuple(sorted(ms.stack.items())),
+               tuple(comps.shape))
+        n = 0
+        while (key + (n,)) in reps and not torch.equal(reps[key + (n,)], comps):
+            n += 1
+        reps.setdefault(key + (n,), comps)
+        out.setdefault(key + (n,), []).append(i)
+    return out
