@@ -187,3 +187,26 @@ def test_residual_stream_is_one_rescale_group_per_channel_and_passes() -> None:
     gelu.load_state_dict(model.state_dict())
     assert not find_symmetries(gelu, torch.zeros(2, 3, 8, 8, dtype=torch.float64)).of_family("rescale")
     assert verdicts(gelu, SymmetryMap(found.of_family("rescale")), x, y) == {"rescale": "fail"}
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_torch_rmsnorm_scale_group_and_its_epsilon_law(affine: bool) -> None:
+    """torch's nn.RMSNorm (one aten.rms_norm op, ε None → the float32 machine epsilon): the layer feeding it is one
+    scale group whose ε law the checker evaluates exactly; its γ (when affine) against the next layer's columns."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc0, self.norm, self.out = nn.Linear(5, 6), nn.RMSNorm(6, elementwise_affine=affine), nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.out(torch.relu(self.norm(self.fc0(x))))
+
+    torch.manual_seed(0)
+    model = Net().double()
+    found = find_symmetries(model, torch.zeros(2, 5, dtype=torch.float64))
+    assert found.families() == ({"scale": 1, "rescale": 6, "translation": 7} if affine else
+                                {"scale": 1, "translation": 7})
+    assert found.of_family("scale")[0].epsilon_of == "norm"
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,), generator=g)
+    assert check(model, x, y, found, dtype=torch.float64).verdict == "pass"

@@ -203,19 +203,21 @@ class SecondOrder:
 def rms_epsilon(module: nn.Module) -> float | None:
     """ε of an RMSNorm module (torch's ``nn.RMSNorm``, or a module named ``…RMSNorm`` with a weight and a
     ``variance_epsilon``/``eps``, as Hugging Face writes them), or None for any other module."""
-    if isinstance(module, getattr(nn, "RMSNorm", ())) or type(module).__name__.endswith("RMSNorm"):
+    torch_rms = isinstance(module, getattr(nn, "RMSNorm", ()))
+    if torch_rms or type(module).__name__.endswith("RMSNorm"):
         eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
-        if eps is None and isinstance(module, getattr(nn, "RMSNorm", ())):
-            eps = torch.finfo(module.weight.dtype).eps if module.weight is not None else None
-        if isinstance(eps, (int, float)) and getattr(module, "weight", None) is not None:
+        if eps is None and torch_rms:  # torch's default: the machine epsilon of the input's dtype (float32 here)
+            eps = torch.finfo(torch.float32).eps
+        if isinstance(eps, (int, float)) and (torch_rms or getattr(module, "weight", None) is not None):
             return float(eps)
     return None
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: Tensor) -> Tensor:
+def rms_norm(x: Tensor, weight: Tensor | None, eps: Tensor) -> Tensor:
     """``x·rsqrt(mean(x²) + ε)·γ`` over the last axis, in x's dtype (Hugging Face computes it in float32 even in a
     float64 model: evaluated here in float64, the identities hold to float64 round-off), ε differentiable."""
-    return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps) * weight
+    y = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+    return y if weight is None else y * weight
 
 
 def _layer_norm(x: Tensor, dims: int, weight: Tensor | None, bias: Tensor | None, eps: Tensor) -> Tensor:
