@@ -191,7 +191,7 @@ def test_residual_stream_is_one_rescale_group_per_channel_and_passes() -> None:
 
 @pytest.mark.parametrize("affine", [True, False])
 def test_torch_rmsnorm_scale_group_and_its_epsilon_law(affine: bool) -> None:
-    """torch's nn.RMSNorm (one aten.rms_norm op, ε None → the float32 machine epsilon): the layer feeding it is one
+    """torch's nn.RMSNorm (one aten.rms_norm op, ε None → the input dtype's machine epsilon): the layer feeding it is one
     scale group whose ε law the checker evaluates exactly; its γ (when affine) against the next layer's columns."""
     class Net(nn.Module):
         def __init__(self):

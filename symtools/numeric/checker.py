@@ -159,7 +159,9 @@ class _Family:
             if not names or any(m is None or (isinstance(m, _BatchNorm) and bn != "batch") for _, m in found):
                 self.eps_of.append(None)
             else:  # (norm names, their ε, −c) with ⟨g_A, θ_A⟩ = c·Σ_n ε_n·∂L/∂ε_n (c = −2k, derived by the engine)
-                eps = tuple(float(m.eps) if rms_epsilon(m) is None else rms_epsilon(m) for _, m in found)
+                dtype = next(model.parameters()).dtype
+                eps = tuple(float(m.eps) if rms_epsilon(m, dtype) is None else rms_epsilon(m, dtype)
+                            for _, m in found)
                 self.eps_of.append((names, eps, -float(gs.epsilon_factor)))
 
     @property

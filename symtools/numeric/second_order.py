@@ -26,7 +26,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from symtools.errors import SymtoolsError
 from symtools.numeric.bn_epsilon import batch_norm_batch_stats
 from symtools.numeric.conv_hessian import fast_second_order
-from symtools.numeric.evaluation import _loss_function, batchnorm_modules, evaluation_mode
+from symtools.numeric.evaluation import (
+    _loss_function,
+    batchnorm_modules,
+    evaluation_mode,
+)
 from symtools.numeric.roundoff import TermMagnitudes, loss_terms
 
 
@@ -118,7 +122,7 @@ class SecondOrder:
         def hook(mod, args, output):
             x = args[0]
             if name not in self.eps:
-                eps = rms_epsilon(mod)
+                eps = rms_epsilon(mod, x.dtype)
                 self.eps[name] = torch.full((1,), eps, dtype=x.dtype, device=x.device, requires_grad=True)
                 self.eps_value[name] = eps
             y = rms_norm(x, mod.weight, self.eps[name])
@@ -200,14 +204,15 @@ class SecondOrder:
         return hv, {k: (torch.zeros_like(self.eps[k]) if o is None else o.detach()) for k, o in zip(eps_names, out[n:])}
 
 
-def rms_epsilon(module: nn.Module) -> float | None:
+def rms_epsilon(module: nn.Module, dtype: torch.dtype = torch.float32) -> float | None:
     """ε of an RMSNorm module (torch's ``nn.RMSNorm``, or a module named ``…RMSNorm`` with a weight and a
-    ``variance_epsilon``/``eps``, as Hugging Face writes them), or None for any other module."""
+    ``variance_epsilon``/``eps``, as Hugging Face writes them) for inputs of ``dtype``, or None for any other
+    module."""
     torch_rms = isinstance(module, getattr(nn, "RMSNorm", ()))
     if torch_rms or type(module).__name__.endswith("RMSNorm"):
         eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
-        if eps is None and torch_rms:  # torch's default: the machine epsilon of the input's dtype (float32 here)
-            eps = torch.finfo(torch.float32).eps
+        if eps is None and torch_rms:  # torch's default: the machine epsilon of the input's dtype
+            eps = torch.finfo(dtype).eps
         if isinstance(eps, (int, float)) and (torch_rms or getattr(module, "weight", None) is not None):
             return float(eps)
     return None
