@@ -165,3 +165,27 @@ def test_trained_transformers_pass_in_float64_and_do_not_fail_in_float32(tmp_pat
         x, y = next(iter(make_loader("stdlib-text", 4, seq_len=32, seed=1)))
         assert check(model, x, y, found, dtype=torch.float64).verdict == "pass", name
         assert check(model, x, y, found, dtype=torch.float32).verdict in ("pass", "inconclusive"), name
+
+
+def test_attention_written_out_with_matmuls_gives_the_same_groups() -> None:
+    """HF's eager attention (matmul, softmax, matmul) instead of one SDPA op: the same heads, the same rotary
+    commutant, the same elementwise groups; and they pass."""
+    from symtools.nn.hf import load_config
+
+    for name in ("llama", "gpt2"):
+        found = {}
+        for impl in ("sdpa", "eager"):
+            cfg = load_config(name)
+            cfg._attn_implementation = impl
+            torch.manual_seed(0)
+            model = CausalLM(transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=impl)).double()
+            found[impl] = (model, find_symmetries(model, torch.zeros(1, 8, dtype=torch.long)))
+        (_, a), (eager, b) = found["sdpa"], found["eager"]
+        assert a.families() == b.families()
+        assert [(m.family, m.layer, m.groups) for m in a.matrix_sets] == [(m.family, m.layer, m.groups)
+                                                                          for m in b.matrix_sets]
+        assert all((m.algebra is None and n.algebra is None) or torch.equal(m.algebra, n.algebra)
+                   for m, n in zip(a.matrix_sets, b.matrix_sets))
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.randint(0, 256, (2, 10), generator=g), torch.randint(0, 256, (2, 10), generator=g)
+        assert check(eager, x, y, b, dtype=torch.float64).verdict == "pass", name

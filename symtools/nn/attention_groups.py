@@ -131,7 +131,7 @@ def _cores(g: ExportedGraph) -> list[tuple[fx.Node, fx.Node, fx.Node, fx.Node, f
             p = _skip(node.args[0], ("dropout", "to", "_to_copy", "type_as"))
             if op_name(p) not in ("softmax", "_softmax"):
                 continue
-            s = _skip(p.args[0], ("mul", "div", "add", "to", "_to_copy"), first_only=True)
+            s = _skip(p.args[0], ("mul", "div", "add", "to", "_to_copy"))  # scaling, the mask (2nd operand), casts
             if op_name(s) != "matmul" or op_name(s.args[1]) != "transpose":
                 continue
             kt = s.args[1]
@@ -142,7 +142,7 @@ def _cores(g: ExportedGraph) -> list[tuple[fx.Node, fx.Node, fx.Node, fx.Node, f
     return cores
 
 
-def _skip(node: fx.Node, ops: tuple[str, ...], first_only: bool = False) -> fx.Node:
+def _skip(node: fx.Node, ops: tuple[str, ...]) -> fx.Node:
     """Walk back from ``node`` through ``ops`` along their first input (scaling, masking, casts)."""
     while op_name(node) in ops and node.args and isinstance(node.args[0], fx.Node):
         node = node.args[0]
