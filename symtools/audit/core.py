@@ -45,7 +45,7 @@ def _loss_and_grad(model: nn.Module, params: Mapping[str, Tensor], x: Tensor, y:
     dtype = next(model.parameters()).dtype
     leaves = {k: v.detach().to(device=dev, dtype=dtype).requires_grad_(want_grad) for k, v in params.items()}
     with torch.set_grad_enabled(want_grad), evaluation_mode(model, "batch"):
-        out = functional_call(model, leaves, (x.to(dev, dtype),))
+        out = functional_call(model, leaves, (x.to(dev, dtype) if x.is_floating_point() else x.to(dev),))  # ids stay ints
         value = LOSSES[loss](out, y.to(dev))
     grads = None
     if want_grad:

@@ -119,6 +119,7 @@ class MatrixLaws:
         self.worst: dict[str, float | None] = {}
         self.worst_symmetry: dict[str, float | None] = {}
         self._pred: list = []
+        self._law_rows: dict[tuple, np.ndarray] = {}
         self._warn = warn
         self.law = law_module(QUADRATIC_LAW_FAMILY, kind) if kind is not None else None
         self.terms = quadratic_terms(self.law) if self.law is not None and getattr(self.law, "LINEAR", False) else None
@@ -161,11 +162,17 @@ class MatrixLaws:
     def _charge(self, s: _Set, x: tuple[Tensor, ...]) -> Tensor:
         return s.module.charge(*x)
 
-    def _bilinear(self, s: _Set, a: tuple[Tensor, ...], b: tuple[Tensor, ...]) -> Tensor:
-        if a is b:
-            return self._charge(s, a)
-        both = tuple(x + y for x, y in zip(a, b))
-        return (self._charge(s, both) - self._charge(s, a) - self._charge(s, b)) / 2
+    def _bilinear(self, s: _Set, slots: Mapping[str, tuple[Tensor, ...]], i: str, j: str,
+                  memo: dict[str, Tensor]) -> Tensor:
+        """B(s_i, s_j) by polarisation; ``memo`` keeps C(s) of each single source for the step's other terms."""
+        def single(k: str) -> Tensor:
+            if k not in memo:
+                memo[k] = self._charge(s, slots[k])
+            return memo[k]
+        if i == j:
+            return single(i)
+        both = tuple(x + y for x, y in zip(slots[i], slots[j]))
+        return (self._charge(s, both) - single(i) - single(j)) / 2
 
     def _project(self, s: _Set, c: Tensor) -> Tensor:
         return torch.einsum("gij,kij->gk", c, s.components.to(c.device))
@@ -196,10 +203,10 @@ class MatrixLaws:
             slots = {k: tuple(t.detach().to(ACC) for t in s.layout.assemble_tuple(v)) for k, v in src.items()}
             names_s = self.law.FIRST_STATE if first else self.law.STATE
             names_m = self.law.FIRST_MEASURED if first else self.law.MEASURED
-            values = {}
+            values, memo = {}, {}
             for name in tuple(names_s) + tuple(names_m):
                 c, i, j = self.terms[name]
-                values[name] = c * self._project(s, self._bilinear(s, slots[i], slots[j]))
+                values[name] = c * self._project(s, self._bilinear(s, slots, i, j, memo))
             fn = self.law.first_step if first else self.law.step
             state = {n: values[n] for n in names_s}
             pred = fn(state, {n: values[n] for n in names_m}, *hyper)["Q"]
@@ -207,7 +214,9 @@ class MatrixLaws:
             zeroed = {n: (torch.zeros_like(values[n]) if n in getattr(self.law, "PREDICTED", {}) else values[n])
                       for n in names_m}
             pred_sym = fn(state, zeroed, *hyper)["Q"]
-            a = apply_to_basis(fn, [list(names_s), list(names_m)], ["Q"], *hyper)[0]
+            if (first, hyper) not in self._law_rows:  # the law's coefficients: once per hyper-parameters
+                self._law_rows[(first, hyper)] = apply_to_basis(fn, [list(names_s), list(names_m)], ["Q"], *hyper)[0]
+            a = self._law_rows[(first, hyper)]
             sizes = sum(abs(float(a[k])) * values[n].abs() for k, n in enumerate(tuple(names_s) + tuple(names_m)))
             self._pred.append((pred, sizes, pred_sym))
 
