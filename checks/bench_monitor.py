@@ -17,8 +17,8 @@ in time against the training step, the memory it keeps, and the exactness of its
    monitor's count for VGG-11-BN and VGG-19-BN within 10 % of VGG-16-BN's; 0 syncs off the stride.
 2. **Time**: VGG-16-BN, float32, 200 classes, the same SGD, random data, at batch 128 64×64 (target ≤ 3 %)
    and batch 16 32×32 (target ≤ 15 %) on the CPU; batch 128 64×64 (target ≤ 5 %) on a GPU. Every reducer
-   (the device's default — "sites" on the CPU — and, for information, "flat") watches the *same* training
-   run: each has its own :class:`~symtools.numeric.monitor.Monitor` (stride 10, no identity checks), called
+   (the device's default — "compiled" on a CPU with a C compiler — and, for information, the others: "sites"
+   on the CPU, "flat") watches the *same* training run: each has its own :class:`~symtools.numeric.monitor.Monitor` (stride 10, no identity checks), called
    in the order of :func:`symtools.training.train`, the order of the monitors alternating from step to step.
    In each step the training step and each monitor's hooks are timed separately; the overhead is their ratio
    within the step (median over the ``--steps`` timed steps, after ``--warmup`` untimed ones; the ratio of
@@ -26,12 +26,13 @@ in time against the training step, the memory it keeps, and the exactness of its
 3. **Memory** (bytes of the tensors the monitor holds between steps, each storage counted once, storages of
    the model and the optimizer left out): per-group float64 state, law matrices and per-column constants,
    the flat reducer's flat buffers (``_plan.sources``), index maps (``_plan.layers.ids``) and scratch
-   (``_plan.scratch``), the sites reducer's copy of θ for the displacement (``_theta_before``); the peak
+   (``_plan.scratch``), the live reducers' copy of θ for the displacement (``_theta_before``); the peak
    allocated inside the hooks (CPU: ``torch.profiler`` memory events; CUDA: ``max_memory_allocated``); and
    the reference approach of the paper's code (one buffer per parameter per tracked integral).
 4. **Checks**: the worst per-step law residual of every run (float32 target ≤ 1e-6), and, in one extra
-   untimed step, every term of every group as the flat and the sites reducer compute it, compared relative to
-   Σ|density| (what was summed; the flat reducer multiplies in float64, the sites one in float32: ≈ 2⁻²⁴).
+   untimed step, every term of every group as the flat reducer and each other reducer compute it, compared
+   relative to Σ|density| (what was summed; the flat and the compiled reducers multiply in float64, the sites
+   one in float32: ≈ 2⁻²⁴).
 5. **Floor** (CPU): the time of one read of all parameters (Σ per tensor in float64) next to the training
    step: the monitor must read θ, g (b) before the step and θ after it, so k such passes bound its cost from
    below in any implementation that streams the tensors from memory.
@@ -339,9 +340,9 @@ def time_config(config: tuple, momentum: float, reducers: list[str], args, devic
                 opt.step()
                 if "flat" in monitors and len(monitors) > 1:
                     after, size_a = _terms(monitors, ctxs, "after")
-                    other = next(r for r in reducers if r != "flat")
-                    check = max(float(((b["flat"] - b[other]).abs() / s.clamp_min(1e-300)).max())
-                                for b, s in ((before, size_b), (after, size_a)))
+                    check = {other: max(float(((b["flat"] - b[other]).abs() / s.clamp_min(1e-300)).max())
+                                        for b, s in ((before, size_b), (after, size_a)))
+                             for other in reducers if other != "flat"}
                 for r in order:
                     peaks[r] = max(peaks[r], _peak_bytes(lambda r=r: monitors[r].after_step(ctxs[r]), device))
                 break
@@ -495,11 +496,15 @@ def _load() -> str:
 
 
 def _default(device: torch.device) -> str:
-    try:
-        from symtools.numeric.monitor_plan import DEFAULT_REDUCER
-    except ImportError:  # where the fused core kept it first
-        from symtools.numeric.monitor import DEFAULT_REDUCER
-    return DEFAULT_REDUCER.get(device.type, "flat")
+    from symtools.numeric.monitor_plan import default_reducer
+
+    return default_reducer(device)
+
+
+#: What each reducer is, for the text (docs/monitor.md, "The fused core")
+DESCRIBE = {"flat": "the device path; on the CPU its scatter-adds are scalar loops",
+            "sites": "eager PyTorch over the live tensors, the CPU's default before the compiled one",
+            "compiled": "one generated C loop per tensor, each tensor read once per hook"}
 
 
 def counts_table(counts: list[dict]) -> str:
@@ -541,7 +546,7 @@ MEMORY_ROWS = [
     ("`_plan.sources` staging: one float32 vector (flat reducer only)", "staging"),
     ("`_plan.layers.ids`: element → column index maps (flat reducer only)", "flat_ids"),
     ("`_plan.scratch`: the flat reducer's scratch (monomial rows of one chunk, sums)", "flat_scratch"),
-    ("`_theta_before`: the sites reducer's copy of θ for the displacement Δθ (momentum)", "theta_copy"),
+    ("`_theta_before`: the live reducers' copy of θ for the displacement Δθ (momentum)", "theta_copy"),
     ("**total kept between steps**", "total"),
 ]
 
@@ -626,17 +631,17 @@ def reading(counts: list[dict], timed: list[dict], device: torch.device) -> str:
         else:
             text += "."
         if others:
-            text += (" For information, " + ", ".join(
-                f"the {r} reducer (the device path; on the CPU its scatter-adds are scalar loops): "
+            text += (" For information, " + "; ".join(
+                f"the {r} reducer ({DESCRIBE.get(r, r)}): "
                 + ", ".join(f"{_pct(v)}" for (m, rr), v in meds.items() if rr == r) for r in others) + ".")
         out.append(text)
     big = [t for t in timed if t["batch"] == max(x["batch"] for x in timed) and default in t["reducers"]]
-    if default == "sites" and big:
-        mem = big[-1]["reducers"]["sites"]["memory"]
-        out.append(f"**Memory.** The sites reducer keeps the per-group state ({_mb(mem['state'])}), the law matrices "
-                   f"and per-column constants, and with a continuous theory that reads the displacement (momentum) a copy "
-                   f"of θ in the weights' dtype ({_mb(mem['theta_copy'])}), turned into Δθ in place after the step; the "
-                   f"flat reducer adds its float64 copies, index maps and scratch (next tables).")
+    if default in ("sites", "compiled") and big:
+        mem = big[-1]["reducers"][default]["memory"]
+        out.append(f"**Memory.** The {default} reducer keeps the per-group state ({_mb(mem['state'])}), the law "
+                   f"matrices and per-column constants, and with a continuous theory that reads the displacement "
+                   f"(momentum) a copy of θ in the weights' dtype ({_mb(mem['theta_copy'])}) for Δθ = θ_n − θ_(n−1); "
+                   f"the flat reducer adds its float64 copies, index maps and scratch (next tables).")
     return "".join(x + "\n\n" for x in out)
 
 
@@ -659,10 +664,12 @@ def section(counts, timed, verdict, args, info, load_end, device, wall) -> str:
     checks = ""
     if check:
         checks = ("Reducers agree: in one extra step, every law term and charge of every group by the flat reducer "
-                  "(float64 products) and by the sites reducer (float32 products, float64 sums), largest "
-                  "|flat − sites| / Σ|density|: " + "; ".join(f"{t['config']}, momentum {t['momentum']:g}: "
-                                                              f"{t['check']:.1e}" for t in check)
-                  + " (≈ 2⁻²⁴ = 6e-8 expected: the float32 products).\n\n")
+                  "(float64 products) and by each other reducer, largest |flat − other| / Σ|density|: "
+                  + "; ".join(f"{t['config']}, momentum {t['momentum']:g}: " + ", ".join(
+                      f"{r} {v:.1e}" for r, v in t["check"].items()) for t in check)
+                  + " (compiled: float64 products too, so only the order of the float64 additions differs: ≈ 1e-14 "
+                  "for sums of thousands of terms; sites: float32 products, float64 sums, ≈ 2⁻²⁴ = 6e-8 "
+                  "expected).\n\n")
     worst = "; ".join(f"{t['config']}, momentum {t['momentum']:g}: " + ", ".join(
         f"{r} {v['worst']:.1e}" for r, v in t["reducers"].items()) for t in timed)
     floor = floor_table(timed, device)
@@ -673,10 +680,11 @@ def section(counts, timed, verdict, args, info, load_end, device, wall) -> str:
                       f"pass (θ_(n−1) kept, or b' re-read): at least 2 + 1 (SGD) and 3 + 2 (momentum) streaming "
                       f"passes over the {params:,} monitored parameters — the *read floor*, timed as float32 Σ per "
                       "tensor (each element read once). The monitor also sums every density in float64 "
-                      "(docs/monitor.md, \"Precision\"), and torch's float32 → float64 Σ is far slower than a read: "
-                      "the *float64 floor* is one such Σ over θ per distinct monomial the flat plan evaluates in a step "
-                      "(each element of each monomial accumulated once in float64; the membership layers' extra "
-                      "passes not counted). Best of 7, right after the timed steps of the same run (same load); the "
+                      "(docs/monitor.md, \"Precision\"). In eager PyTorch (the sites and flat reducers) that costs "
+                      "far more than a read: the *float64 floor* is one torch float32 → float64 Σ over θ per distinct "
+                      "monomial the flat plan evaluates in a step (each element of each monomial accumulated once in "
+                      "float64; the membership layers' extra passes not counted). The compiled reducer widens and "
+                      "sums inside its own loop, in the same pass as the read, so only the read floor binds it. Best of 7, right after the timed steps of the same run (same load); the "
                       "float64 Σ is compute-bound, and compute-bound timings on a shared virtual machine vary "
                       "several-fold from run to run, so the float64 floor is the least certain number here:"
                       "\n\n" + floor)
@@ -692,11 +700,9 @@ def section(counts, timed, verdict, args, info, load_end, device, wall) -> str:
             floor_text += (f"\n\nAt {small[0]['config']} the floors are ({fl}) of the training step, against the "
                            f"target {_pct(tgt)}: the read floor is {'below' if read_ok else 'above'} the target, the float64 "
                            f"floor {'below' if f64_ok else 'above'} it. "
-                           + ("So on this machine it is reachable in principle, but not by eager PyTorch summing every "
-                              "monomial in float64 (the float64 Σ runs far below the memory bandwidth); it "
-                              "would need fewer float64 passes (float32 partial sums of short blocks widened once, or one "
-                              "fused kernel for all monomials), or a different precision contract. "
-                              if read_ok and not f64_ok else "")
+                           + ("So on this machine the target is out of reach for eager PyTorch summing every monomial "
+                              "in float64 (the sites and flat reducers), but not for one fused loop per tensor (the "
+                              "compiled reducer). " if read_ok and not f64_ok else "")
                            + "The training step's work grows with the batch, the monitor's with the parameters only: "
                            "at small batches the ratio tends to (the monitor's passes) / (the training step's), and "
                            "`optimizer.step()` itself makes about as many passes as the read floor (it reads θ, g (b) "
@@ -715,7 +721,7 @@ def section(counts, timed, verdict, args, info, load_end, device, wall) -> str:
             f"and at a record-stride step (stride {COUNT_STRIDE}): device→host copies are the `Tensor.cpu()` calls of "
             f"the flush, which on the CPU dispatch no ATen call. **Time**: `{args.model}` ({params:,} parameters at "
             f"{timed[0]['input']}×{timed[0]['input']}), float32, {CLASSES} classes, {args.data} data, device {args.device}, the same SGD; every reducer "
-            f"(the default on this device, `{default}`, and for information the other) watches the same training run "
+            f"(the default on this device, `{default}`, and for information the others) watches the same training run "
             f"with its own monitor (stride {STRIDE}, no identity checks; the monitors' order alternates per step); "
             f"{args.warmup} warm-up steps, then {args.steps} timed steps at batch ≥ 64 and {max(args.steps, args.small_steps)} "
             f"below (the small steps are cheap, and more of them keep the median robust); the overhead is the ratio monitor / training "
@@ -758,8 +764,11 @@ def main(argv=None) -> int:
     args.model = "vgg16_bn"
     start = time.perf_counter()
     info = benchdoc.machine(all_loads=True, device=str(device))
+    from symtools.numeric import native
+
+    info["C kernels"] = native.describe()
     default = _default(device)
-    reducers = [default] + [r for r in ("flat", "sites") if r != default and (r == "flat" or device.type == "cpu")]
+    reducers = [default] + [r for r in ("sites", "flat") if r != default and (r == "flat" or device.type == "cpu")]
     models = ["vgg11_bn", "vgg16_bn", "vgg19_bn"]
     configs = TIME_CONFIGS.get(device.type, TIME_CONFIGS["cuda"])
     if args.quick:

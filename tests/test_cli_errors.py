@@ -121,6 +121,24 @@ def test_train_force_replaces_a_run_and_keeps_other_files(tmp_path, capsys):
     assert read_stream(run / "records", "train")[1][:, 0].tolist() == [1.0]  # the old rows are gone
 
 
+def test_train_monitor_reducer_is_chosen_said_and_refused_where_it_cannot_run(tmp_path, capsys, monkeypatch):
+    import json
+
+    from symtools.numeric import native
+
+    for reducer, expected in (("auto", "compiled" if native.available() else "sites"), ("sites", "sites")):
+        run = tmp_path / reducer
+        code, _, err = cli(TINY_TRAIN + ["--steps", "1", "--out", run, "--monitor-reducer", reducer], capsys)
+        assert code == 0, err
+        assert json.loads((run / "summary.json").read_text())["monitor_reducer"] == expected
+    monkeypatch.setattr(native, "_PROBE", {})
+    monkeypatch.setattr(native, "_LOADED", {})
+    monkeypatch.setattr(native, "compiler", lambda: None)
+    code, _, err = cli(TINY_TRAIN + ["--steps", "1", "--out", tmp_path / "c", "--monitor-reducer", "compiled"], capsys)
+    assert_one_line(code, err, "C compiler", "sites")
+    assert not (tmp_path / "c").exists()  # refused before anything is written
+
+
 # ----------------------------------------------------------------------------------------------------- check
 def test_check_weights_that_do_not_fit_are_one_line(vgg11_bn_weights, tmp_path, capsys):
     code, _, err = cli(["check", "--weights", vgg11_bn_weights, "--classes", "200"], capsys)

@@ -48,6 +48,9 @@ def add_arguments(p) -> None:
     p.add_argument("--check-every", type=int, default=0,
                    help="run the gradient/Hessian identity checks every K steps on the live batch (0: never)")
     p.add_argument("--checkpoint-every", type=int, default=100, help="checkpoint stride in steps (default 100)")
+    p.add_argument("--monitor-reducer", choices=("auto", "compiled", "sites", "flat"), default="auto",
+                   help="how the monitor sums its densities (same sums, different speed; default auto: compiled on "
+                        "a CPU with a C compiler, sites on one without, flat on a GPU)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the data order (default 0)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -122,6 +125,18 @@ def _hf_model_and_data(args):
     return model, batches
 
 
+def _check_reducer(reducer: str, device) -> None:
+    """Refuse a monitor reducer that cannot run here before anything is built or written."""
+    if reducer == "compiled":
+        from symtools.numeric import native
+
+        if device.type != "cpu":
+            raise SymtoolsError(f"--monitor-reducer compiled runs on the CPU, not on {device}: use flat (or auto)")
+        if not native.available():
+            raise SymtoolsError(f"--monitor-reducer compiled needs a C compiler ({native.unavailable_reason()}): "
+                                "use sites (or auto)")
+
+
 def run(args) -> int:
     import torch
 
@@ -144,6 +159,7 @@ def run(args) -> int:
         check_objective(args.teleport_objective)
     check_out_dir(args.out, force=args.force or args.resume, also=" (or --resume the run in it)")
     device = parse_device(args.device)
+    _check_reducer(args.monitor_reducer, device)
     if hf_requested(args):
         model, batches = _hf_model_and_data(args)
         model = model.to(device)
@@ -162,7 +178,8 @@ def run(args) -> int:
         symmetries = symmetries_or_blocked(model, x0[:1].to(device))
     else:
         symmetries = find_symmetries(model, x0[:1].to(device))
-    monitor = Monitor(symmetries, stride=args.stride, check_every=args.check_every, seed=args.seed)
+    monitor = Monitor(symmetries, stride=args.stride, check_every=args.check_every, seed=args.seed,
+                      reducer=None if args.monitor_reducer == "auto" else args.monitor_reducer)
     callbacks = [monitor]
     if args.teleport_every:
         from symtools.training_teleport import TeleportCallback

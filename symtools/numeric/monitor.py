@@ -51,7 +51,13 @@ from symtools.numeric.monitor_laws import (
     split_by_param_group,
 )
 from symtools.numeric.monitor_matrix import MatrixLaws
-from symtools.numeric.monitor_plan import FusedPlan, Site, charge_module, law_module
+from symtools.numeric.monitor_plan import (
+    LIVE_REDUCERS,
+    FusedPlan,
+    Site,
+    charge_module,
+    law_module,
+)
 
 QUANTITIES = schema.LAW_QUANTITIES
 
@@ -103,7 +109,8 @@ class Monitor:
         self.excluded_family: dict[str, int | None] = {}
         self.warnings: list[str] = []
         self._plan: FusedPlan | None = None
-        self._theta_before: list[Tensor] | None = None  # sites reducer: θ_n, for the step's displacement
+        self._theta_before: list[Tensor] | None = None  # live reducers: θ_n, for the step's displacement
+        self._copy_rest: list[tuple[Tensor, Tensor]] = []  # (copy, parameter) that no compiled kernel copies
         self._pending: list[tuple[int, Tensor]] = []
         self._pending_groups: list[tuple[int, Tensor]] = []
 
@@ -191,14 +198,20 @@ class Monitor:
         buffers = _OrZeros(self._params, lambda n: state.get(self._params[n], {}).get(key) if key else None)
         if "theta" in flat:  # θ_n: the flat reducer's source, and the displacement's start
             src.fill("theta", self._params)
-        if self._plan.reducer == "sites":
+        if self._plan.reducer in LIVE_REDUCERS:
+            live = {"": self._live_params(), "g_": grads, "b_": buffers}
             if self._plan.needs_displacement:  # θ_n in the parameters' dtype: Δθ = θ_{n+1} − θ_n after the step
                 names = self._plan.flat_layout.names
                 if self._theta_before is None:
                     self._theta_before = [torch.empty_like(self._params[n]) for n in names]
-                with torch.no_grad():
-                    torch._foreach_copy_(self._theta_before, [self._params[n] for n in names])
-            return {}, {"": {n: p.detach() for n, p in self._params.items()}, "g_": grads, "b_": buffers}
+                    # the compiled reducer's kernels copy the tensors they read as they read them; the rest here
+                    self._copy_rest = [(c, self._params[n]) for c, n in zip(self._theta_before, names)
+                                       if n not in self._plan.copied_by_kernels]
+                if self._copy_rest:
+                    with torch.no_grad():
+                        torch._foreach_copy_([c for c, _ in self._copy_rest], [p for _, p in self._copy_rest])
+                live["p_"] = dict(zip(names, self._theta_before))
+            return {}, live
         if "g" in flat:
             src.fill("g", {n: p.grad for n, p in self._params.items()})
         if "b" in flat:
@@ -210,14 +223,16 @@ class Monitor:
         plan, src = self._plan, self._plan.sources
         buffers = src.flat if src is not None else {}
         flat = {}
-        live = {"": {n: p.detach() for n, p in self._params.items()}} if plan.reducer == "sites" else {}
+        live = {"": self._live_params()} if plan.reducer in LIVE_REDUCERS else {}
         if "theta_next" in buffers:
             src.fill("theta_next", self._params)
             flat["theta"] = buffers["theta_next"]
         if "d" in buffers:
             d = buffers["d"]
             flat["d"] = d.zero_() if initial else torch.sub(buffers["theta_next"], buffers["theta"], out=d)
-        if plan.reducer == "sites" and plan.needs_displacement:
+        if plan.reducer == "compiled" and plan.needs_displacement:  # d = θ − θ_prev inside its kernels
+            live["p_"] = live[""] if initial else dict(zip(plan.flat_layout.names, self._theta_before))
+        elif plan.reducer == "sites" and plan.needs_displacement:
             names = plan.flat_layout.names
             with torch.no_grad():
                 if initial:
@@ -228,6 +243,13 @@ class Monitor:
                     torch._foreach_neg_(moved)
             live["d_"] = dict(zip(names, moved))
         return flat, live
+
+    def _live_params(self) -> dict[str, Tensor]:
+        """θ as the live reducers read it: the compiled one reads memory (no autograd), the sites one computes
+        with torch, on detached tensors."""
+        if self._plan.reducer == "compiled":
+            return self._params
+        return {n: p.detach() for n, p in self._params.items()}
 
     def _record_initial(self, ctx) -> None:
         """Row of step 0 in ``laws`` and ``groups_<family>``: the charges at the initial weights θ_0. The
@@ -495,6 +517,7 @@ class Monitor:
             "families": families,
             "matrix_families": self._matrix.summary() if getattr(self, "_matrix", None) is not None else {},
             "monitor_warnings": self.warnings,
+            "monitor_reducer": self._plan.reducer if self._plan is not None else None,
         }
 
 

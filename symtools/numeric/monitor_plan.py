@@ -25,15 +25,34 @@ from torch import Tensor
 
 from symtools.errors import SymtoolsError
 from symtools.nn.groups import GroupSet
-from symtools.numeric.flat import ACC, FlatLayout, FlatSources, MembershipLayers, Monomial, reduce_monomials
+from symtools.numeric import native
+from symtools.numeric.compiled_sums import CompiledSums
+from symtools.numeric.flat import (
+    ACC,
+    FlatLayout,
+    FlatSources,
+    MembershipLayers,
+    Monomial,
+    reduce_monomials,
+)
 from symtools.numeric.groupops import ViewCache, elements_per_group
 from symtools.numeric.law_matrices import LawBank
 
 #: How per-group sums are reduced: "flat" (monomials over flat copies, one scatter-add per layer: a fixed
-#: handful of kernels, the device path) or "sites" (the generated densities site by site over the live tensors
-#: in cache-sized blocks: the CPU's faster path, where scatter-adds are scalar loops). Default per device type.
-REDUCERS = ("flat", "sites")
-DEFAULT_REDUCER = {"cpu": "sites"}
+#: handful of kernels, the device path), "sites" (the generated densities site by site over the live tensors
+#: in cache-sized blocks, eager PyTorch) or "compiled" (each live tensor read once by a C loop emitted for its
+#: monomials and compiled for this machine: :mod:`symtools.numeric.compiled_sums`, CPU only). The default is
+#: "flat" on a GPU; on the CPU "compiled" where a C compiler works, "sites" where none does.
+REDUCERS = ("flat", "sites", "compiled")
+#: reducers that read the live tensors (and, for the displacement, the monitor's copy of θ before the step)
+LIVE_REDUCERS = ("sites", "compiled")
+
+
+def default_reducer(device: torch.device) -> str:
+    """The reducer a monitor uses when none is asked for (see :data:`REDUCERS`)."""
+    if device.type != "cpu":
+        return "flat"
+    return "compiled" if native.available() else "sites"
 
 
 @dataclass
@@ -188,6 +207,28 @@ def site_terms(tm: TermMatrix, layout: ColumnLayout, cache) -> torch.Tensor:
     return out
 
 
+def compiled_sums(tm: TermMatrix, layout: ColumnLayout, params, copies=()) -> CompiledSums:
+    """The compiled reducer of ``tm``: each slot of each site reads only the monomials its family's rows of
+    ``tm.W`` use on that slot; its kernels also copy the values of ``copies`` (see :class:`CompiledSums`)."""
+    width = layout.slot_max + 1
+    W = tm.W.detach().cpu()
+    memberships = []
+    for fam in layout.families.values():
+        rows = [r for r, (f, _) in enumerate(tm.names) if f == fam.name]
+        if not rows:
+            continue
+        for s_idx, slot in enumerate(fam.slots):
+            used = tuple(j for j in range(len(tm.monomials)) if bool(W[rows, j * width + s_idx].ne(0).any()))
+            if not used:
+                continue
+            for site in fam.sites:
+                for ts in site.gs.slots.get(slot, ()):
+                    memberships.append((ts.param, ts.axis, ts.shape, s_idx * layout.columns + site.cols.start, used))
+    sums = CompiledSums(tm.monomials, memberships, params, width * max(layout.columns, 1), copies)
+    sums.tm = tm
+    return sums
+
+
 def membership(layout: ColumnLayout, flat: FlatLayout) -> MembershipLayers:
     """Element → reduction column ``slot · columns + group column``; elements of no slot go to the dump column."""
     entries = []
@@ -211,9 +252,15 @@ class FusedPlan:
         self.layout = ColumnLayout(sites, laws, params)
         some = next(iter(params.values()))
         self.device = some.device
-        self.reducer = reducer or DEFAULT_REDUCER.get(self.device.type, "flat")
+        self.reducer = reducer or default_reducer(self.device)
         if self.reducer not in REDUCERS:
             raise SymtoolsError(f"unknown reducer {self.reducer!r}; choose one of {', '.join(REDUCERS)}")
+        if self.reducer == "compiled" and self.device.type != "cpu":
+            raise SymtoolsError(f"the compiled reducer runs on the CPU, the model is on {self.device}: use the "
+                                "flat reducer (the default there)")
+        if self.reducer == "compiled" and not native.available():
+            raise SymtoolsError(f"the compiled reducer needs a working C compiler ({native.unavailable_reason()}); "
+                                "use the sites reducer")
         dev = self.device
         fams = self.layout.families
         self.bank = LawBank({f.name: f.law for f in fams.values() if f.law is not None})
@@ -262,7 +309,7 @@ class FusedPlan:
         kinds = ["theta", "theta_next", *(k for k in ("g", "b", "d") if k in used)]
         self.needs_displacement = "d" in used
         self.layers = None
-        if self.reducer == "sites":  # the live tensors are read in place (the displacement: Monitor._theta_before)
+        if self.reducer in LIVE_REDUCERS:  # the live tensors are read in place (the displacement: Monitor._theta_before)
             kinds = []
         else:
             self.layers = membership(lay, self.flat_layout)
@@ -270,6 +317,18 @@ class FusedPlan:
             raise SymtoolsError("a law reads the applied update u: only laws that close are monitored")
         self.sources = FlatSources(self.flat_layout, kinds) if kinds else None
         self.scratch: dict = {}
+        # the compiled reducer: one per term matrix; the kernels before the step also copy θ for the displacement
+        self.compiled: dict[int, CompiledSums] = {}
+        self.copied_by_kernels: set[str] = set()
+        self._params = {n: params[n] for n in names}
+        if self.reducer == "compiled":
+            copies = names if self.needs_displacement else ()
+            for tm in (self.before, self.after):
+                if tm is not None:
+                    self.compiled[id(tm)] = compiled_sums(tm, self.layout, self._params,
+                                                          copies if tm is self.before else ())
+            if self.before is not None:
+                self.copied_by_kernels = self.compiled[id(self.before)].copied
 
     def _selector(self, rows: list[int], n: int) -> Tensor:
         out = torch.zeros((1, n), dtype=ACC)
@@ -279,10 +338,17 @@ class FusedPlan:
 
     def terms(self, tm: TermMatrix, sources: dict[str, Tensor], live: dict | None = None) -> Tensor:
         """(rows of ``tm``, columns): every term of every family. The flat reducer: one reduction of the
-        monomials over ``sources`` (flat vectors) and one product with the coefficients. The site reducer (the
-        CPU's): the generated densities over ``live`` (prefix → tensors by name, as :class:`ViewCache` reads)."""
+        monomials over ``sources`` (flat vectors) and one product with the coefficients. The live reducers (the
+        CPU's) read ``live`` (prefix → tensors by name, as :class:`ViewCache` reads): the compiled one each
+        tensor's monomial sums in one C pass, then the same product; the sites one the generated densities."""
         if self.reducer == "sites":
             return site_terms(tm, self.layout, ViewCache(live))
+        if self.reducer == "compiled":
+            sums = self.compiled.get(id(tm))
+            if sums is None or sums.tm is not tm:  # a term matrix other than the plan's own (e.g. a test's sizes)
+                sums = compiled_sums(tm, self.layout, self._params)
+            R = sums(live)
+            return torch.mm(tm.W, R.view(-1, max(self.layout.columns, 1))).mul_(tm.mask)
         R = reduce_monomials(tm.monomials, sources, self.layers, self.sources.chunk, self.scratch)
         view = self.scratch.get(("R view", id(R)))
         if view is None:
