@@ -164,3 +164,15 @@ def test_wrong_dtype_is_refused():
     sums = CompiledSums([THETA_G], [("w", 0, None, 0, (0,))], params, 3)
     with pytest.raises(SymtoolsError, match="one dtype"):
         sums({"": params, "g_": {"w": torch.randn(3, 4, dtype=torch.float64)}})
+
+
+def test_plainer_flags_are_used_and_said_when_the_best_ones_fail(monkeypatch):
+    """A library that builds only without OpenMP and -march=native still runs (same sums), with a warning."""
+    monkeypatch.setattr(native, "FLAG_SETS", (("-O3", "-fno-such-flag-symtools"),) + native.FLAG_SETS[-1:])
+    source = "int symtools_plain(int x) { return 2 * x; }\n"
+    monkeypatch.setattr(native, "_LOADED", {})
+    monkeypatch.setattr(native, "_FLAGS", {})
+    with pytest.warns(UserWarning, match="built with -O3 only"):
+        lib = native.load(source)
+    assert lib.symtools_plain(21) == 42
+    assert native.describe().endswith(" -O3")

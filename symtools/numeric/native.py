@@ -21,6 +21,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 
 from symtools.errors import SymtoolsError
@@ -81,6 +82,9 @@ def load(source: str) -> ctypes.CDLL:
         if path is not None:
             lib = _LOADED[source] = ctypes.CDLL(str(path))
             _FLAGS[source] = flags
+            if reasons:  # correct, but slower: say so once per library
+                warnings.warn(f"symtools: the monitor's C kernels were built with {' '.join(flags)} only, "
+                              f"which runs slower ({'; '.join(reasons)})", stacklevel=3)
             return lib
         reasons.append(f"{' '.join(flags)}: {why}")
     raise SymtoolsError("could not build the monitor's C kernels: " + "; ".join(reasons))
@@ -103,8 +107,9 @@ def unavailable_reason() -> str:
 
 
 def describe() -> str:
-    """The compiler and the flags the probe was built with (for benchmark records), or why there is none."""
+    """The compiler and the flags of every library built so far in this process (for benchmark records), or why
+    there is none."""
     if not available():
         return f"no C kernels ({unavailable_reason()})"
-    flags = next(iter(_FLAGS.values()), ())
-    return f"{compiler()} {' '.join(flags)}"
+    flags = sorted({" ".join(f) for f in _FLAGS.values()})
+    return f"{compiler()} {' | '.join(flags)}"
