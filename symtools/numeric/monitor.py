@@ -17,10 +17,11 @@ written here) and, at every step, for all groups of all families at once, in flo
   family (:data:`CONTINUOUS_EXCLUDE_REL`) and groups of one element, and says how many it left out.
 
 The per-step work is the fused core (docs/monitor.md, "Fused core"): a plan built once per (model,
-optimizer) (:mod:`symtools.numeric.monitor_plan`) turns every density into shared monomials over flat copies
-of the tensors (:mod:`symtools.numeric.flat`) and every law into a matrix
-(:mod:`symtools.numeric.law_matrices`), so a step costs a fixed handful of tensor operations whatever the
-depth of the model, with no host synchronisation: rows are kept on the device and handed to the records every
+optimizer) (:mod:`symtools.numeric.monitor_plan`) turns every density into shared monomials, summed over flat
+copies of the tensors on a GPU (:mod:`symtools.numeric.flat`) and by one generated C pass per tensor on the CPU
+(:mod:`symtools.numeric.compiled_sums`), and every law into a matrix (:mod:`symtools.numeric.law_matrices`),
+so a step costs a fixed handful of tensor operations whatever the depth of the model, with no host
+synchronisation: rows are kept on the device and handed to the records every
 ``stride`` steps (and at a checkpoint and at the end).
 
 Records (docs/records.md): stream ``laws`` holds per-site aggregates every step, from step 0 (the initial

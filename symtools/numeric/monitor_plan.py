@@ -184,8 +184,8 @@ def term_matrix(layout: ColumnLayout, rows: Sequence[tuple[str, str, dict, bool,
 def site_terms(tm: TermMatrix, layout: ColumnLayout, cache) -> torch.Tensor:
     """The same matrix as the flat reduction, site by site with the generated density functions
     (:func:`symtools.numeric.groupops.reduce_terms`: tensors in their own memory order, in cache-sized blocks,
-    float32 products summed in float64) — the CPU's reducer, where scatter-adds are slow and blocks stay in cache.
-    An absolute row is Σ|density| (the sizes the reduction returns)."""
+    float32 products summed in float64) — the CPU's reducer where no C compiler works (scatter-adds are slow
+    there; blocks stay in cache). An absolute row is Σ|density| (the sizes the reduction returns)."""
     from symtools.numeric.groupops import reduce_terms
 
     out = torch.zeros_like(tm.mask)
