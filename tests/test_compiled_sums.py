@@ -95,9 +95,14 @@ def test_sums_match_a_direct_float64_reduction(dtype, threads):
     size = _reference(MEMBERSHIPS, sources, WIDTH, absolute=True)  # what each sum added up
     assert float(((R - ref).abs() / size.clamp_min(1e-300)).max()) <= 1e-13
     assert float(ref.abs().max()) > 0
-    # negative control: the conv weight's groups read along the wrong axis
-    wrong = _reference(MEMBERSHIPS[:1], sources, WIDTH, axis_override=1)
-    assert float((wrong[:, :5] - ref[:, :5]).abs().max()) > 1e-3
+    # negative controls, through the same comparison: the conv weight's scale groups one column off, and its
+    # rescale groups read along the wrong axis (the reference's), both miss by far
+    shifted = [("conv", 0, None, 1, (0, 1, 2, 4))] + MEMBERSHIPS[1:]
+    R_wrong = CompiledSums(MONOMIALS, shifted, params, WIDTH)(_live(sources))
+    assert float(((R_wrong - ref).abs() / size.clamp_min(1e-300)).max()) > 1e-3
+    wrong_axis = _reference(MEMBERSHIPS, sources, WIDTH) - _reference(MEMBERSHIPS[1:2], sources, WIDTH) \
+        + _reference(MEMBERSHIPS[1:2], sources, WIDTH, axis_override=0)
+    assert float(((R - wrong_axis).abs() / size.clamp_min(1e-300)).max()) > 1e-3
 
 
 def test_kernels_copy_theta_while_they_read_it():
