@@ -18,11 +18,12 @@ in time against the training step, the memory it keeps, and the exactness of its
 2. **Time**: VGG-16-BN, float32, 200 classes, the same SGD, random data, at batch 128 64×64 (target ≤ 3 %)
    and batch 16 32×32 (target ≤ 15 %) on the CPU; batch 128 64×64 (target ≤ 5 %) on a GPU. Every reducer
    (the device's default — "compiled" on a CPU with a C compiler — and, for information, the others: "sites"
-   on the CPU, "flat") watches the *same* training run: each has its own :class:`~symtools.numeric.monitor.Monitor` (stride 10, no identity checks), called
-   in the order of :func:`symtools.training.train`, the order of the monitors alternating from step to step.
-   In each step the training step and each monitor's hooks are timed separately; the overhead is their ratio
-   within the step (median over the ``--steps`` timed steps, after ``--warmup`` untimed ones; the ratio of
-   the totals beside it), so a change of the machine's load between steps cancels.
+   on the CPU, "flat") watches the *same* training run: each has its own
+   :class:`~symtools.numeric.monitor.Monitor` (stride 10, no identity checks), called in the order of
+   :func:`symtools.training.train`, the order of the monitors alternating from step to step. In each step
+   the training step and each monitor's hooks are timed separately; the overhead is their ratio within the
+   step (median over the ``--steps`` timed steps, after ``--warmup`` untimed ones; the ratio of the totals
+   beside it), so a change of the machine's load between steps cancels.
 3. **Memory** (bytes of the tensors the monitor holds between steps, each storage counted once, storages of
    the model and the optimizer left out): per-group float64 state, law matrices and per-column constants,
    the flat reducer's flat buffers (``_plan.sources``), index maps (``_plan.layers.ids``) and scratch

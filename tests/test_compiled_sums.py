@@ -45,7 +45,8 @@ def _reference(memberships, sources, width: int, axis_override=None, absolute=Fa
             val = val.abs() if absolute else val
             val = val.reshape(shape) if shape is not None else val
             ax = axis if axis_override is None else axis_override
-            per_group = val.reshape(1, -1).sum(1) if ax is None else val.movedim(ax, 0).reshape(val.shape[ax], -1).sum(1)
+            rows = val.reshape(1, -1) if ax is None else val.movedim(ax, 0).reshape(val.shape[ax], -1)
+            per_group = rows.sum(1)
             R[j, first:first + per_group.numel()] += per_group
     return R
 

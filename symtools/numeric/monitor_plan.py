@@ -309,7 +309,7 @@ class FusedPlan:
         kinds = ["theta", "theta_next", *(k for k in ("g", "b", "d") if k in used)]
         self.needs_displacement = "d" in used
         self.layers = None
-        if self.reducer in LIVE_REDUCERS:  # the live tensors are read in place (the displacement: Monitor._theta_before)
+        if self.reducer in LIVE_REDUCERS:  # the live tensors are read in place (displacement: Monitor._theta_before)
             kinds = []
         else:
             self.layers = membership(lay, self.flat_layout)
