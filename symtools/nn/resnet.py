@@ -52,7 +52,21 @@ def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
 
 
-class BasicBlock(nn.Module):
+class _ResidualBlock(nn.Module):
+    """What both blocks share: the shortcut (identity, or ``downsample`` where the shape changes), added to the
+    residual branch before the final ReLU."""
+
+    def _shortcut(self, stride: int, downsample: nn.Module | None) -> None:
+        """Set last, after the branch's layers: torchvision's state_dict order (``downsample`` after ``bn*``)."""
+        self.downsample = downsample
+        self.stride = stride
+
+    def _join(self, out: torch.Tensor, x: torch.Tensor, relu: nn.Module) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        return relu(out + identity)
+
+
+class BasicBlock(_ResidualBlock):
     """conv3×3 → BN → ReLU → conv3×3 → BN, plus the shortcut, then ReLU."""
 
     expansion = 1
@@ -65,20 +79,14 @@ class BasicBlock(nn.Module):
         self.conv2 = conv3x3(planes, planes)
         self.bn2 = nn.BatchNorm2d(planes)
         self.relu2 = nn.ReLU(inplace=True)
-        self.downsample = downsample
-        self.stride = stride
+        self._shortcut(stride, downsample)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x
         out = self.relu1(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        out = out + identity
-        return self.relu2(out)
+        return self._join(self.bn2(self.conv2(out)), x, self.relu2)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_ResidualBlock):
     """conv1×1 → BN → ReLU → conv3×3 (stride) → BN → ReLU → conv1×1 (×4) → BN, plus the shortcut, then ReLU."""
 
     expansion = 4
@@ -95,18 +103,12 @@ class Bottleneck(nn.Module):
         self.conv3 = conv1x1(width, planes * self.expansion)
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
         self.relu3 = nn.ReLU(inplace=True)
-        self.downsample = downsample
-        self.stride = stride
+        self._shortcut(stride, downsample)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x
         out = self.relu1(self.bn1(self.conv1(x)))
         out = self.relu2(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        out = out + identity
-        return self.relu3(out)
+        return self._join(self.bn3(self.conv3(out)), x, self.relu3)
 
 
 class ResNet(nn.Module):
